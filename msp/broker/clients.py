@@ -1,0 +1,501 @@
+"""The broker's side of the client protocol: one method per command.
+
+Every request but PING and LOGIN carries a session token; the handler turns
+it into the user before anything else happens. A user sees and acts on their
+own jobs only; an admin on everybody's. A job that is not the caller's is
+reported as not found, so ids reveal nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import auth, outputs, paths, protocol
+from ..errors import (
+    AuthError, ConflictError, ForbiddenError, MspError, NotFoundError,
+    ProtocolError,
+)
+from ..store import FINAL_STATES, JOB_STATES
+
+log = logging.getLogger(__name__)
+
+MAX_ARGS = 256
+MAX_ARG = 4096
+MAX_WAIT = 60.0
+MAX_TIMEOUT = 30 * 86400.0
+MAX_LIST = 1000
+MAX_LOG_CHUNK = 256 * 1024
+SESSION_CACHE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user_id: int
+    name: str
+    role: str
+    token_hash: str
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+
+class ClientHandler:
+    def __init__(self, broker):
+        self.broker = broker
+        self.config = broker.config
+        # token hash -> (Caller, expires_at); dropped on logout and disable.
+        self._sessions: dict[str, tuple[Caller, float]] = {}
+        # job id -> [(identity, deadline)] of clients waiting for its end.
+        self._waiters: dict[int, list[tuple[bytes, float]]] = {}
+        # Password hashing is slow on purpose; it runs off the loop.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="msp-hash")
+        self._commands = {
+            b"PING": self._ping,
+            b"LOGIN": self._login,
+            b"LOGOUT": self._logout,
+            b"PASSWD": self._passwd,
+            b"SUBMIT": self._submit,
+            b"STATUS": self._status,
+            b"WAIT": self._wait,
+            b"LIST": self._list,
+            b"CANCEL": self._cancel,
+            b"LOGS": self._logs,
+            b"USER_ADD": self._user_add,
+            b"USER_LIST": self._user_list,
+            b"USER_DISABLE": self._user_disable,
+            b"WORKERS": self._workers,
+            b"STATS": self._stats,
+        }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # Framing.
+
+    def handle(self, frames: list[bytes], now: float, wall: float) -> None:
+        if len(frames) < 2:
+            log.warning("dropped a client message of %d frame(s)", len(frames))
+            return
+        identity = frames[0]
+        if frames[1] != b"":
+            # Not a REQ envelope; answer in kind so a DEALER hears why.
+            self._reply_err(identity, "bad_request",
+                            "expected an empty delimiter frame (use REQ)")
+            return
+        try:
+            msg = protocol.parse(
+                frames[2:], protocol.CLIENT_COMMANDS,
+                self.config.max_message_size,
+            )
+            command = self._commands[msg.command]
+            caller = None
+            if msg.command not in (b"PING", b"LOGIN"):
+                caller = self._authenticate(msg.body["token"], wall)
+            with self.broker.store.atomic():
+                result = command(identity, caller, msg.body, now, wall)
+        except MspError as exc:
+            log.debug("client request refused: %s", exc)
+            self._reply_err(identity, exc.code, exc.message)
+            return
+        if result is not None:
+            self.reply(identity, result)
+
+    def internal_error(self, frames: list[bytes]) -> None:
+        if len(frames) >= 2 and frames[1] == b"":
+            self._reply_err(frames[0], "internal",
+                            "the broker failed; see its log")
+
+    def reply(self, identity: bytes, body: dict) -> None:
+        self.broker.send(
+            "client", [identity, b"", *protocol.encode(protocol.OK, body)]
+        )
+
+    def _reply_err(self, identity: bytes, code: str, message: str) -> None:
+        body = protocol.error_body(code, message)
+        self.broker.send(
+            "client", [identity, b"", *protocol.encode(protocol.ERR, body)]
+        )
+
+    def tick(self, now: float, wall: float) -> None:
+        """Answer the waits whose time is up with the job as it is."""
+        for job_id, waiters in list(self._waiters.items()):
+            due = [w for w in waiters if w[1] <= now]
+            if not due:
+                continue
+            waiters[:] = [w for w in waiters if w[1] > now]
+            if not waiters:
+                del self._waiters[job_id]
+            view = self._view(self.broker.store.job(job_id))
+            for identity, _ in due:
+                self.reply(identity, {"job": view})
+
+    def jobs_ended(self, job_ids: set[int]) -> None:
+        """Answer every client waiting on one of ``job_ids``."""
+        for job_id in job_ids:
+            waiters = self._waiters.pop(job_id, None)
+            if waiters:
+                view = self._view(self.broker.store.job(job_id))
+                for identity, _ in waiters:
+                    self.reply(identity, {"job": view})
+
+    # Sessions.
+
+    def _authenticate(self, token: str, wall: float) -> Caller:
+        digest = auth.token_hash(token)
+        cached = self._sessions.get(digest)
+        if cached is None:
+            found = self.broker.store.session(digest)
+            if found is None or found.revoked or found.user.disabled:
+                raise AuthError("not logged in, or the session was revoked; "
+                                "log in again")
+            user = found.user
+            caller = Caller(user.id, user.name, user.role, digest)
+            cached = (caller, found.expires_at)
+            if len(self._sessions) >= SESSION_CACHE:
+                self._sessions.clear()
+            self._sessions[digest] = cached
+        caller, expires_at = cached
+        if expires_at <= wall:
+            self._sessions.pop(digest, None)
+            raise AuthError("the session has expired; log in again")
+        return caller
+
+    def _forget_sessions(self, user_id: int) -> None:
+        for digest, (caller, _) in list(self._sessions.items()):
+            if caller.user_id == user_id:
+                del self._sessions[digest]
+
+    def _offload(self, identity: bytes, slow, then) -> None:
+        """Run ``slow()`` off the loop, then ``then(result)`` in a turn of
+        its own, replying with what it returns (or its error)."""
+
+        def done(result):
+            try:
+                with self.broker.store.atomic():
+                    body = then(result, self.broker.wall())
+            except MspError as exc:
+                self._reply_err(identity, exc.code, exc.message)
+            else:
+                self.reply(identity, body)
+
+        future = self._pool.submit(slow)
+        future.add_done_callback(
+            lambda f: self.broker.later(lambda: done(f.result()))
+        )
+
+    # Commands. Each returns the reply body, or None when it replies later.
+
+    def _ping(self, identity, caller, body, now, wall):
+        return {"version": protocol.VERSION.decode(), "time": wall}
+
+    def _login(self, identity, caller, body, now, wall):
+        name, password = body["user"], body["password"]
+        user = self.broker.store.user(name) if len(name) <= 64 else None
+        stored_hash = None if user is None else user.password_hash
+        passwords = self.broker.passwords
+
+        def then(ok, wall):
+            # Same answer for an unknown user and a wrong password.
+            if not ok or user is None or user.disabled:
+                self.broker.store.audit(wall, "login_failed", name[:64])
+                log.info("failed login for %r", name[:64])
+                raise AuthError("wrong user name or password")
+            token = auth.new_token()
+            expires = wall + self.config.session_ttl
+            self.broker.store.add_session(
+                user.id, auth.token_hash(token), wall, expires
+            )
+            self.broker.store.audit(wall, "login", user.name)
+            return {"token": token, "expires": expires, "user": user.name,
+                    "role": user.role}
+
+        self._offload(
+            identity, lambda: passwords.verify(stored_hash, password), then
+        )
+
+    def _logout(self, identity, caller, body, now, wall):
+        self.broker.store.revoke_session(caller.token_hash)
+        self._sessions.pop(caller.token_hash, None)
+        self.broker.store.audit(wall, "logout", caller.name)
+        return {}
+
+    def _passwd(self, identity, caller, body, now, wall):
+        name = body.get("user") or caller.name
+        if name != caller.name and not caller.admin:
+            raise ForbiddenError("only an admin may change another user's "
+                                 "password")
+        user = self.broker.store.user(name)
+        if user is None:
+            raise NotFoundError(f"no user {name!r}")
+        problem = auth.check_password(body["password"])
+        if problem:
+            raise ProtocolError(problem)
+        passwords, password = self.broker.passwords, body["password"]
+
+        def then(password_hash, wall):
+            self.broker.store.set_password(user.id, password_hash)
+            self.broker.store.audit(wall, "passwd", caller.name, user=name)
+            return {"user": name}
+
+        self._offload(identity, lambda: passwords.hash(password), then)
+
+    def _submit(self, identity, caller, body, now, wall):
+        spec = _check_spec(body, self.config.attempts)
+        checked = paths.check(
+            spec["script"], spec["data"], spec["output"], self.broker.roots
+        )
+        spec.update(script=str(checked.script), data=str(checked.data),
+                    output=str(checked.output))
+        store = self.broker.store
+        job_id, created = store.submit(
+            caller.user_id, body["request_id"], spec, wall
+        )
+        if created:
+            log.debug("job %d queued for %s", job_id, caller.name)
+            self.broker.publish(
+                "job", event="queued", job=job_id, state="queued",
+                user=caller.name, script=spec["script"],
+                priority=spec["priority"],
+            )
+        return {"job": job_id, "created": created}
+
+    def _job_for(self, caller: Caller, job_id: int) -> dict:
+        job = self.broker.store.job(job_id)
+        if job is None or (job["user_id"] != caller.user_id
+                           and not caller.admin):
+            raise NotFoundError(f"no job {job_id}")
+        return job
+
+    def _status(self, identity, caller, body, now, wall):
+        job = self._job_for(caller, body["job"])
+        attempts = self.broker.store.attempts(job["id"])
+        return {"job": self._view(job), "attempts": attempts}
+
+    def _wait(self, identity, caller, body, now, wall):
+        job = self._job_for(caller, body["job"])
+        timeout = min(max(float(body.get("timeout", 10.0)), 0.0), MAX_WAIT)
+        if job["state"] in FINAL_STATES or timeout == 0:
+            return {"job": self._view(job)}
+        self._waiters.setdefault(job["id"], []).append(
+            (identity, now + timeout)
+        )
+        return None
+
+    def _list(self, identity, caller, body, now, wall):
+        state = body.get("state")
+        if state is not None and state not in JOB_STATES:
+            raise ProtocolError(
+                f"unknown state {state[:32]!r}; one of {', '.join(JOB_STATES)}"
+            )
+        user_id = caller.user_id
+        if caller.admin:
+            user_id = None
+            if body.get("user"):
+                user = self.broker.store.user(body["user"])
+                if user is None:
+                    return {"jobs": []}
+                user_id = user.id
+        elif body.get("user") not in (None, caller.name):
+            raise ForbiddenError("only an admin may list another user's jobs")
+        limit = min(max(body.get("limit", 100), 1), MAX_LIST)
+        rows = self.broker.store.jobs(user_id, state, body.get("since"), limit)
+        return {"jobs": [self._view(row) for row in rows]}
+
+    def _cancel(self, identity, caller, body, now, wall):
+        job = self._job_for(caller, body["job"])
+        job_id, store = job["id"], self.broker.store
+        if job["state"] in FINAL_STATES:
+            raise ConflictError(
+                f"job {job_id} already {job['state']}; nothing to cancel"
+            )
+        if caller.user_id != job["user_id"]:
+            store.audit(wall, "cancel_by_admin", caller.name, job=job_id)
+        if job["state"] == "queued" and store.cancel_queued(job_id, wall):
+            log.info("job %d cancelled while queued", job_id)
+            self.broker.publish("job", event="cancelled", job=job_id,
+                                state="cancelled")
+            self.broker.job_ended(job_id)
+            return {"job": job_id, "state": "cancelled"}
+        store.request_cancel(job_id)
+        self.broker.workers.cancel(job_id)
+        log.info("job %d: cancel requested", job_id)
+        return {"job": job_id, "state": "running", "cancel_requested": True}
+
+    def _logs(self, identity, caller, body, now, wall):
+        job = self._job_for(caller, body["job"])
+        stream = body.get("stream", "stdout")
+        if stream not in ("stdout", "stderr"):
+            raise ProtocolError("stream must be stdout or stderr")
+        offset = max(body.get("offset", 0), 0)
+        limit = min(max(body.get("limit", 65536), 1), MAX_LOG_CHUNK)
+        name = outputs.STDOUT if stream == "stdout" else outputs.STDERR
+        folder = Path(job["output_dir"])
+        if job["state"] == "running" and job["token"]:
+            folder = outputs.scratch_dir(folder, job["attempts"], job["token"])
+        data, size = _read_chunk(folder / name, offset, limit)
+        return {
+            "data": data.decode("utf-8", "replace"),
+            "offset": offset + len(data),
+            "size": size,
+            "state": job["state"],
+        }
+
+    def _need_admin(self, caller: Caller) -> None:
+        if not caller.admin:
+            raise ForbiddenError("this command needs the admin role")
+
+    def _user_add(self, identity, caller, body, now, wall):
+        self._need_admin(caller)
+        name, role = body["user"], body.get("role", "user")
+        if role not in auth.ROLES:
+            raise ProtocolError(f"role must be one of {', '.join(auth.ROLES)}")
+        if not (1 <= len(name) <= 64) or not name.isprintable() or \
+                any(c.isspace() for c in name):
+            raise ProtocolError(
+                "user name must be 1 to 64 printable characters, no spaces"
+            )
+        problem = auth.check_password(body["password"])
+        if problem:
+            raise ProtocolError(problem)
+        if self.broker.store.user(name) is not None:
+            raise ConflictError(f"user {name!r} already exists")
+        passwords, password = self.broker.passwords, body["password"]
+
+        def then(password_hash, wall):
+            if self.broker.store.add_user(name, password_hash, role, wall) \
+                    is None:
+                raise ConflictError(f"user {name!r} already exists")
+            self.broker.store.audit(wall, "user_add", caller.name,
+                                    user=name, role=role)
+            log.info("user %s added by %s", name, caller.name)
+            return {"user": name, "role": role}
+
+        self._offload(identity, lambda: passwords.hash(password), then)
+
+    def _user_list(self, identity, caller, body, now, wall):
+        self._need_admin(caller)
+        return {"users": [
+            {"user": u.name, "role": u.role, "disabled": u.disabled,
+             "created_at": u.created_at}
+            for u in self.broker.store.users()
+        ]}
+
+    def _user_disable(self, identity, caller, body, now, wall):
+        self._need_admin(caller)
+        user = self.broker.store.user(body["user"])
+        if user is None:
+            raise NotFoundError(f"no user {body['user'][:64]!r}")
+        self.broker.store.disable_user(user.id)
+        self._forget_sessions(user.id)
+        self.broker.store.audit(wall, "user_disable", caller.name,
+                                user=user.name)
+        log.info("user %s disabled by %s", user.name, caller.name)
+        return {"user": user.name, "disabled": True}
+
+    def _workers(self, identity, caller, body, now, wall):
+        return {"workers": self.broker.workers.snapshot(now)}
+
+    def _stats(self, identity, caller, body, now, wall):
+        store = self.broker.store
+        recent = store.jobs(
+            None if caller.admin else caller.user_id, None, None, 20
+        )
+        finished = store.finished_since(wall - 15 * 60)
+        per_minute = [0] * 15
+        for t in finished:
+            index = min(int((wall - t) // 60), 14)
+            per_minute[14 - index] += 1
+        return {
+            "time": wall,
+            "workers": self.broker.workers.snapshot(now),
+            "counts": store.counts(),
+            "queue": store.queue_depth(wall),
+            "recent": [self._view(row) for row in recent],
+            "finished_per_minute": per_minute,
+            "seq": self.broker._seq,
+        }
+
+    def _view(self, job: dict | None) -> dict | None:
+        """A job as clients see it."""
+        if job is None:
+            return None
+        view = {k: job[k] for k in (
+            "id", "name", "state", "script", "args", "priority",
+            "attempts", "max_attempts", "failures", "lost", "timeout",
+            "submitted_at", "started_at", "finished_at", "exit_code",
+            "error", "worker", "progress", "cancel_requested",
+        )}
+        view["data"], view["output"] = job["data_dir"], job["output_dir"]
+        if "user" in job:
+            view["user"] = job["user"]
+        return view
+
+
+def _check_spec(body: dict, default_attempts: int) -> dict:
+    """The job's settings from a SUBMIT body, checked."""
+    if not 1 <= len(body["request_id"]) <= 64:
+        raise ProtocolError("request_id must have 1 to 64 characters")
+    args = body.get("args", [])
+    if len(args) > MAX_ARGS:
+        raise ProtocolError(f"at most {MAX_ARGS} arguments")
+    for arg in args:
+        if not isinstance(arg, str):
+            raise ProtocolError("every argument must be a string")
+        if len(arg) > MAX_ARG or "\0" in arg:
+            raise ProtocolError(
+                f"an argument is longer than {MAX_ARG} or holds a NUL"
+            )
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError("an argument is not valid UTF-8") from None
+    priority = body.get("priority", 0)
+    if not -1000 <= priority <= 1000:
+        raise ProtocolError("priority must be between -1000 and 1000")
+    attempts = body.get("attempts", default_attempts)
+    if not 1 <= attempts <= 100:
+        raise ProtocolError("attempts must be between 1 and 100")
+    timeout = body.get("timeout")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+        raise ProtocolError(
+            f"timeout must be between 0 and {MAX_TIMEOUT:.0f} seconds"
+        )
+    name = body.get("name")
+    if name is not None and len(name) > 256:
+        raise ProtocolError("name must have at most 256 characters")
+    return {
+        "script": body["script"], "data": body["data"],
+        "output": body["output"], "args": args, "priority": priority,
+        "attempts": attempts, "timeout": timeout, "name": name,
+    }
+
+
+def _read_chunk(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
+    """Up to ``limit`` bytes of ``path`` from ``offset``, cut at the end of
+    the last whole UTF-8 character; and the file's size."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            data = f.read(limit)
+    except FileNotFoundError:
+        return b"", 0
+    if len(data) == limit:
+        cut = len(data)
+        # Step back over an incomplete multi-byte character at the end.
+        for back in range(1, min(4, len(data)) + 1):
+            byte = data[-back]
+            if byte & 0xC0 != 0x80:
+                need = 2 if byte >= 0xC0 else 1
+                need = 3 if byte >= 0xE0 else need
+                need = 4 if byte >= 0xF0 else need
+                if need > back:
+                    cut = len(data) - back
+                break
+        data = data[:cut]
+    return data, size

@@ -1,0 +1,307 @@
+"""The broker's sockets, event loop and transactions.
+
+One loop turn receives every message waiting on the client and worker
+sockets, handles them all inside one database transaction, commits, and only
+then sends the replies and publishes the events. A reply therefore never
+acknowledges anything that is not durable, and a busy broker pays for one
+commit per turn rather than one per message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import zmq
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from .. import paths, protocol
+from ..auth import Passwords
+from ..config import BrokerConfig, store_url
+from ..errors import MspError
+from ..store import Store
+from .clients import ClientHandler
+from .workers import WorkerHandler
+
+log = logging.getLogger(__name__)
+
+# Messages read from one socket in one turn, so that neither side starves.
+TURN_BUDGET = 500
+
+
+class Broker:
+    """The msp broker.
+
+    ``start()`` runs it in a background thread and returns once its sockets
+    are bound; ``run()`` runs it in the calling thread until ``stop()``.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        context: zmq.Context | None = None,
+        admin_password: str | None = None,
+        schema: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.roots = paths.resolve_roots(config.allowed_roots)
+        self.clock = clock
+        self.wall = wall
+        self.endpoints: dict[str, str] = {}
+        self.store: Store | None = None
+        self.passwords = Passwords(config.hash_time_cost)
+        self.workers = WorkerHandler(self)
+        self.clients = ClientHandler(self)
+        self._admin_password = admin_password
+        self._schema = schema
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._outbox: list[tuple[str, list[bytes]]] = []
+        self._events: list[tuple[bytes, dict]] = []
+        self._ended: set[int] = set()
+        self._seq = 0
+        self._loop: IOLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    # Life cycle.
+
+    def open(self) -> None:
+        """Open the store and bind the sockets (in the loop's thread)."""
+        data_dir = Path(self.config.data_dir).expanduser()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        url = store_url(self.config)
+        self.store = Store(url, self._schema, self.config.sqlite_synchronous)
+        with self.store.atomic():
+            self._bootstrap_admin(data_dir)
+            self.workers.recover(self.clock())
+        for name, kind in (("client", zmq.ROUTER), ("worker", zmq.ROUTER)):
+            self._bind(name, kind, getattr(self.config, f"{name}_endpoint"))
+        if self.config.events_endpoint:
+            self._bind("events", zmq.PUB, self.config.events_endpoint)
+        log.info(
+            "broker up: clients %s, workers %s, events %s, store %s",
+            self.endpoints["client"], self.endpoints["worker"],
+            self.endpoints.get("events", "off"), _safe_url(url),
+        )
+
+    def _bind(self, name: str, kind: int, endpoint: str) -> None:
+        sock = self.context.socket(kind)
+        sock.linger = 0
+        if kind == zmq.ROUTER:
+            # Oversized messages are refused by libzmq before we read them;
+            # the frames around the body get a little headroom.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size + 4096)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.bind(endpoint)
+        self._sockets[name] = sock
+        self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+        self.clients.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def run(self) -> None:
+        """Serve in this thread until :meth:`stop`."""
+        self._loop = IOLoop()
+        try:
+            self.open()
+            for name in ("client", "worker"):
+                sock = self._sockets[name]
+                self._loop.add_handler(
+                    sock.getsockopt(zmq.FD), self._on_readable, IOLoop.READ
+                )
+            period = self.config.heartbeat_interval * 1000 / 4
+            ticker = PeriodicCallback(self._tick, period)
+            ticker.start()
+            self._loop.add_callback(self._turn)
+            self._ready.set()
+            self._loop.start()
+            ticker.stop()
+            if self._failure is not None:
+                raise self._failure
+        except BaseException as exc:
+            self._failure = self._failure or exc
+            raise
+        finally:
+            self._ready.set()
+            self.close()
+            self._loop.close(all_fds=False)
+            log.info("broker down")
+
+    def start(self, timeout: float = 10.0) -> "Broker":
+        self._thread = threading.Thread(
+            target=self._run_quietly, name="msp-broker", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise MspError(f"broker did not start within {timeout} s")
+        if self._failure is not None:
+            raise self._failure
+        return self
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except BaseException:  # kept in _failure for start() to raise
+            log.exception("broker failed")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.add_callback(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _bootstrap_admin(self, data_dir: Path) -> None:
+        """Create the first admin when the store has no user at all."""
+        if self.store.count_users():
+            return
+        password = self._admin_password or secrets.token_urlsafe(12)
+        now = self.wall()
+        self.store.add_user("admin", self.passwords.hash(password), "admin", now)
+        self.store.audit(now, "user_add", None, user="admin", role="admin")
+        if self._admin_password is None:
+            path = data_dir / "admin-password"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            log.info("created user 'admin'; its password is in %s", path)
+        else:
+            log.info("created user 'admin' with the given password")
+
+    # One turn of the loop.
+
+    def _on_readable(self, fd, events) -> None:
+        self._turn()
+
+    def _turn(self) -> None:
+        batch = []
+        for name in ("client", "worker"):
+            sock = self._sockets[name]
+            for _ in range(TURN_BUDGET):
+                try:
+                    batch.append((name, sock.recv_multipart(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        if batch:
+            now, wall = self.clock(), self.wall()
+            self.transact(lambda: self._handle_batch(batch, now, wall))
+        # The sockets' descriptors signal edges, not levels: look again
+        # after every read and write, or a waiting message could sit there.
+        if any(
+            self._sockets[n].getsockopt(zmq.EVENTS) & zmq.POLLIN
+            for n in ("client", "worker")
+        ):
+            self._loop.add_callback(self._turn)
+
+    def _handle_batch(self, batch, now: float, wall: float) -> None:
+        for name, frames in batch:
+            self.handle(name, frames, now, wall)
+        self.workers.dispatch(now, wall)
+
+    def _tick(self) -> None:
+        now, wall = self.clock(), self.wall()
+        self.transact(lambda: self.step(now, wall))
+        self._turn()
+
+    def step(self, now: float, wall: float) -> None:
+        """The timed work of one tick: liveness, heartbeats, expired waits,
+        dispatch. Tests call it with their own clock."""
+        self.workers.tick(now, wall)
+        self.clients.tick(now, wall)
+        self.workers.dispatch(now, wall)
+
+    def handle(self, name: str, frames: list[bytes], now: float, wall: float):
+        """Handle one message from a client or a worker socket."""
+        mark = len(self._outbox), len(self._events)
+        handler = self.clients if name == "client" else self.workers
+        try:
+            handler.handle(frames, now, wall)
+        except Exception:
+            # A bug, not bad input: the savepoint of the handler has rolled
+            # its writes back; drop what it queued and keep serving.
+            log.exception("unexpected error handling a %s message", name)
+            del self._outbox[mark[0]:]
+            del self._events[mark[1]:]
+            handler.internal_error(frames)
+
+    def transact(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in one transaction, then send what it queued."""
+        try:
+            with self.store.atomic():
+                work()
+        except Exception:
+            # The in-memory view (who runs what) may now be ahead of the
+            # store; the store is the truth, so stop and let a restart
+            # recover from it rather than serve from a view that lies.
+            log.critical("commit failed; stopping the broker", exc_info=True)
+            self._failure = self._failure or RuntimeError("commit failed")
+            self._outbox.clear()
+            self._events.clear()
+            self._ended.clear()
+            self._loop.stop()
+            raise
+        self.flush()
+
+    def flush(self) -> None:
+        ended, self._ended = self._ended, set()
+        if ended:
+            self.clients.jobs_ended(ended)
+        for name, frames in self._outbox:
+            try:
+                self._sockets[name].send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("dropped a message to a %s: queue full", name)
+        self._outbox.clear()
+        pub = self._sockets.get("events")
+        if pub is not None:
+            for topic, body in self._events:
+                data = json.dumps(body, separators=(",", ":")).encode()
+                pub.send_multipart([topic, data])
+        self._events.clear()
+
+    # What handlers call.
+
+    def send(self, name: str, frames: list[bytes]) -> None:
+        """Queue a message; it leaves after the turn's commit."""
+        self._outbox.append((name, frames))
+
+    def publish(self, topic: str, **body) -> None:
+        self._seq += 1
+        body["seq"] = self._seq
+        body["at"] = self.wall()
+        self._events.append((topic.encode(), body))
+
+    def job_ended(self, job_id: int) -> None:
+        self._ended.add(job_id)
+
+    def later(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in a turn of its own (from any thread)."""
+        self._loop.add_callback(self.transact, work)
+
+
+def _safe_url(url: str) -> str:
+    """A store URL without its password, for the log."""
+    if "@" in url and ":" in url.split("@")[0].split("//")[-1]:
+        scheme, rest = url.split("//", 1)
+        cred, host = rest.split("@", 1)
+        return f"{scheme}//{cred.split(':')[0]}:***@{host}"
+    return url

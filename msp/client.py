@@ -1,0 +1,196 @@
+"""The msp client library.
+
+A few lines run a job::
+
+    from msp.client import Client
+
+    with Client("tcp://127.0.0.1:5555") as c:
+        c.login("alice", "secret-password")
+        job = c.submit("count.py", data="texts", output="out")
+        print(c.wait(job)["state"])
+
+Requests go over a REQ socket, Lazy Pirate style: a request that gets no
+reply within the timeout is sent again on a fresh socket, up to ``retries``
+times, then :class:`BrokerUnavailable` is raised. Each submit carries a
+request id made here, so a submit sent twice still makes one job. Errors
+come back as :class:`MspError` subclasses with the broker's message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .errors import BrokerUnavailable, ProtocolError, from_wire
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+# Longest a single WAIT request asks the broker to hold.
+WAIT_SLICE = 30.0
+
+
+class Client:
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", *,
+                 token: str | None = None, timeout: float = 5.0,
+                 retries: int = 3, context: zmq.Context | None = None,
+                 curve: dict | None = None):
+        self.endpoint = endpoint
+        self.token = token
+        self.timeout = timeout
+        self.retries = retries
+        self.context = context or zmq.Context.instance()
+        self.curve = curve
+        self._sock: zmq.Socket | None = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self.context.socket(zmq.REQ)
+            sock.linger = 0
+            if self.curve:
+                sock.curve_secretkey = self.curve["secret"]
+                sock.curve_publickey = self.curve["public"]
+                sock.curve_serverkey = self.curve["server"]
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def request(self, command: str, body: dict | None = None,
+                timeout: float | None = None) -> dict:
+        """Send one request and return the reply body; raise on ERR."""
+        frames = protocol.encode(command.encode(), body or {})
+        timeout = self.timeout if timeout is None else timeout
+        for attempt in range(1, self.retries + 1):
+            sock = self._socket()
+            sock.send_multipart(frames)
+            if sock.poll(timeout * 1000, zmq.POLLIN):
+                return self._decode(sock.recv_multipart())
+            # Lazy Pirate: the REQ socket is stuck; drop it, try afresh.
+            log.debug("%s: no reply in %.1f s (try %d of %d)", command,
+                      timeout, attempt, self.retries)
+            self.close()
+        raise BrokerUnavailable(
+            f"no reply from the broker at {self.endpoint} after "
+            f"{self.retries} tries of {timeout:g} s"
+        )
+
+    @staticmethod
+    def _decode(frames: list[bytes]) -> dict:
+        if len(frames) != 3 or frames[0] != protocol.VERSION or \
+                frames[1] not in (protocol.OK, protocol.ERR):
+            raise ProtocolError("malformed reply from the broker")
+        try:
+            body = json.loads(frames[2])
+        except ValueError:
+            raise ProtocolError("reply body is not JSON") from None
+        if frames[1] == protocol.ERR:
+            raise from_wire(str(body.get("code")), str(body.get("message")))
+        return body
+
+    def _authed(self, command: str, body: dict | None = None,
+                timeout: float | None = None) -> dict:
+        if not self.token:
+            raise from_wire("unauthenticated", "not logged in")
+        return self.request(command, {"token": self.token, **(body or {})},
+                            timeout)
+
+    # Commands.
+
+    def ping(self) -> dict:
+        return self.request("PING")
+
+    def login(self, user: str, password: str) -> dict:
+        reply = self.request("LOGIN", {"user": user, "password": password})
+        self.token = reply["token"]
+        return reply
+
+    def logout(self) -> None:
+        self._authed("LOGOUT")
+        self.token = None
+
+    def passwd(self, password: str, user: str | None = None) -> None:
+        self._authed("PASSWD", {"user": user, "password": password})
+
+    def submit(self, script: str, data: str, output: str,
+               args: list[str] | tuple = (), *, priority: int = 0,
+               attempts: int | None = None, timeout: float | None = None,
+               name: str | None = None) -> int:
+        """Queue a job; return its id. Paths are made absolute here."""
+        body: dict[str, Any] = {
+            "request_id": uuid.uuid4().hex,
+            "script": os.path.abspath(script),
+            "data": os.path.abspath(data),
+            "output": os.path.abspath(output),
+            "args": [str(a) for a in args],
+            "priority": priority,
+            "timeout": timeout,
+            "name": name,
+        }
+        if attempts is not None:
+            body["attempts"] = attempts
+        return self._authed("SUBMIT", body)["job"]
+
+    def status(self, job: int) -> dict:
+        """The job and its attempts: ``{"job": {...}, "attempts": [...]}``."""
+        return self._authed("STATUS", {"job": job})
+
+    def wait(self, job: int, timeout: float | None = None) -> dict:
+        """Block until the job ends (or ``timeout`` seconds); the job."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_SLICE if deadline is None else min(
+                WAIT_SLICE, max(0.0, deadline - time.monotonic())
+            )
+            view = self._authed("WAIT", {"job": job, "timeout": left},
+                                timeout=left + self.timeout)["job"]
+            if view["state"] in FINAL_STATES or (
+                deadline is not None and time.monotonic() >= deadline
+            ):
+                return view
+
+    def jobs(self, state: str | None = None, user: str | None = None,
+             since: float | None = None, limit: int = 100) -> list[dict]:
+        return self._authed("LIST", {"state": state, "user": user,
+                                     "since": since, "limit": limit})["jobs"]
+
+    def cancel(self, job: int) -> dict:
+        return self._authed("CANCEL", {"job": job})
+
+    def logs(self, job: int, stream: str = "stdout", offset: int = 0,
+             limit: int = 65536) -> dict:
+        return self._authed("LOGS", {"job": job, "stream": stream,
+                                     "offset": offset, "limit": limit})
+
+    def user_add(self, user: str, password: str, role: str = "user") -> dict:
+        return self._authed("USER_ADD", {"user": user, "password": password,
+                                         "role": role})
+
+    def users(self) -> list[dict]:
+        return self._authed("USER_LIST")["users"]
+
+    def user_disable(self, user: str) -> dict:
+        return self._authed("USER_DISABLE", {"user": user})
+
+    def workers(self) -> list[dict]:
+        return self._authed("WORKERS")["workers"]
+
+    def stats(self) -> dict:
+        return self._authed("STATS")

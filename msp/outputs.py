@@ -1,0 +1,69 @@
+"""Where an attempt writes, and how its output reaches the output folder.
+
+Each attempt runs in a scratch folder of its own inside the job's output
+folder, ``.msp/attempt-<number>-<token prefix>``. When an attempt ends the job,
+the broker moves what the attempt wrote up into the output folder and writes
+``msp-status.json`` beside it; the scratch folders of earlier attempts stay
+under ``.msp/`` with their logs, for debugging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCRATCH = ".msp"
+STDOUT = "stdout.log"
+STDERR = "stderr.log"
+STATUS = "msp-status.json"
+MARKERS = {"failed": "FAILED", "cancelled": "CANCELLED"}
+
+
+def scratch_dir(output: str | os.PathLike, number: int, token: str) -> Path:
+    return Path(output) / SCRATCH / f"attempt-{number}-{token[:8]}"
+
+
+def promote(output: Path, scratch: Path, status: dict) -> None:
+    """Move the attempt's files into ``output`` and write its status.
+
+    Idempotent: run again after a crash, it moves what is left and rewrites
+    the status, so a result recorded twice leaves one attempt's files.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    if scratch.is_dir():
+        for entry in scratch.iterdir():
+            target = output / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        scratch.rmdir()
+        try:
+            scratch.parent.rmdir()  # only if no earlier attempt left logs
+        except OSError:
+            pass
+    state = status["state"]
+    for marker_state, marker in MARKERS.items():
+        path = output / marker
+        if marker_state == state:
+            path.write_text(f"{status.get('error') or state}\n")
+        elif path.exists():
+            path.unlink()
+    tmp = output / f".{STATUS}.tmp"
+    tmp.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, output / STATUS)
+
+
+def tail(path: Path, size: int = 2000) -> str:
+    """The last ``size`` bytes of a text file, decoded leniently."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

@@ -1,0 +1,249 @@
+"""The msp wire protocol: every message between client, broker and worker.
+
+A message is a ZeroMQ multipart message of three frames::
+
+    [version, command, body]
+
+``version`` is ``b"MSP1"``, ``command`` an upper-case ASCII word and ``body``
+a UTF-8 JSON object. A client's REQ socket adds an empty delimiter frame in
+front, and the broker's ROUTER sockets add the peer's identity; both are
+stripped before a message reaches :func:`parse`. ``docs/protocol.md`` is the
+reference for peers written in other languages.
+
+Every body is checked against the schema of its command before use, so the
+broker and the worker only ever see well-typed fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+
+VERSION = b"MSP1"
+
+# Replies to a client request.
+OK = b"OK"
+ERR = b"ERR"
+
+# Broker to worker.
+ASSIGN = b"ASSIGN"
+CANCEL = b"CANCEL"
+ACK = b"ACK"
+ERROR = b"ERROR"
+
+# Both directions between broker and worker.
+HEARTBEAT = b"HEARTBEAT"
+
+# Worker to broker.
+READY = b"READY"
+STARTED = b"STARTED"
+PROGRESS = b"PROGRESS"
+RESULT = b"RESULT"
+BYE = b"BYE"
+
+# Attempt outcomes a worker reports (the broker adds "lost").
+OUTCOMES = ("succeeded", "failed", "timed_out", "error", "cancelled")
+
+# Field types: a tuple of accepted Python types, after JSON decoding.
+_STR = (str,)
+_INT = (int,)
+_NUM = (int, float)
+_LIST = (list,)
+_DICT = (dict,)
+_BOOL = (bool,)
+_NONE = (type(None),)
+
+# command -> {field: (types, required)}. Fields not listed are refused.
+CLIENT_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
+    b"PING": {},
+    b"LOGIN": {"user": (_STR, True), "password": (_STR, True)},
+    b"LOGOUT": {"token": (_STR, True)},
+    b"PASSWD": {
+        "token": (_STR, True),
+        "user": (_STR + _NONE, False),
+        "password": (_STR, True),
+    },
+    b"SUBMIT": {
+        "token": (_STR, True),
+        "request_id": (_STR, True),
+        "script": (_STR, True),
+        "args": (_LIST, False),
+        "data": (_STR, True),
+        "output": (_STR, True),
+        "priority": (_INT, False),
+        "attempts": (_INT, False),
+        "timeout": (_NUM + _NONE, False),
+        "name": (_STR + _NONE, False),
+    },
+    b"STATUS": {"token": (_STR, True), "job": (_INT, True)},
+    b"WAIT": {
+        "token": (_STR, True),
+        "job": (_INT, True),
+        "timeout": (_NUM, False),
+    },
+    b"LIST": {
+        "token": (_STR, True),
+        "state": (_STR + _NONE, False),
+        "user": (_STR + _NONE, False),
+        "since": (_NUM + _NONE, False),
+        "limit": (_INT, False),
+    },
+    b"CANCEL": {"token": (_STR, True), "job": (_INT, True)},
+    b"LOGS": {
+        "token": (_STR, True),
+        "job": (_INT, True),
+        "stream": (_STR, False),
+        "offset": (_INT, False),
+        "limit": (_INT, False),
+    },
+    b"USER_ADD": {
+        "token": (_STR, True),
+        "user": (_STR, True),
+        "password": (_STR, True),
+        "role": (_STR, False),
+    },
+    b"USER_LIST": {"token": (_STR, True)},
+    b"USER_DISABLE": {"token": (_STR, True), "user": (_STR, True)},
+    b"WORKERS": {"token": (_STR, True)},
+    b"STATS": {"token": (_STR, True)},
+    b"BILLING": {
+        "token": (_STR, True),
+        "user": (_STR + _NONE, False),
+        "since": (_NUM + _NONE, False),
+        "until": (_NUM + _NONE, False),
+    },
+}
+
+WORKER_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
+    READY: {
+        "name": (_STR, True),
+        "host": (_STR, False),
+        "pid": (_INT, False),
+        "secret": (_STR + _NONE, False),
+        "job": (_INT + _NONE, False),
+        "token": (_STR + _NONE, False),
+    },
+    HEARTBEAT: {},
+    STARTED: {"job": (_INT, True), "token": (_STR, True)},
+    PROGRESS: {
+        "job": (_INT, True),
+        "token": (_STR, True),
+        "value": (_NUM, True),
+        "message": (_STR, False),
+    },
+    RESULT: {
+        "job": (_INT, True),
+        "token": (_STR, True),
+        "outcome": (_STR, True),
+        "exit_code": (_INT + _NONE, False),
+        "error": (_STR + _NONE, False),
+        "usage": (_DICT, False),
+        "output": (_BOOL, False),
+    },
+    BYE: {},
+}
+
+BROKER_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
+    ASSIGN: {
+        "job": (_INT, True),
+        "token": (_STR, True),
+        "attempt": (_INT, True),
+        "script": (_STR, True),
+        "args": (_LIST, True),
+        "data": (_STR, True),
+        "output": (_STR, True),
+        "timeout": (_NUM + _NONE, False),
+    },
+    HEARTBEAT: {},
+    CANCEL: {
+        "job": (_INT, True),
+        "token": (_STR, True),
+        "reason": (_STR, False),
+    },
+    ACK: {"job": (_INT, True), "token": (_STR, True)},
+    ERROR: {"code": (_STR, True), "message": (_STR, True)},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    command: bytes
+    body: dict[str, Any]
+
+
+def encode(command: bytes, body: dict[str, Any] | None = None) -> list[bytes]:
+    """The three frames of a message."""
+    data = json.dumps(body or {}, separators=(",", ":"), ensure_ascii=False)
+    return [VERSION, command, data.encode()]
+
+
+def parse(frames: list[bytes], schema: dict, max_size: int) -> Message:
+    """Check ``frames`` against ``schema`` and return the message.
+
+    Raises :class:`ProtocolError` with a code and a message a person can act
+    on; never anything else, whatever the frames hold.
+    """
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+    version, command, raw = frames
+    if version != VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {version[:16]!r}, "
+            f"expected {VERSION.decode()}",
+            "version",
+        )
+    fields = schema.get(command)
+    if fields is None:
+        raise ProtocolError(
+            f"unknown command {command[:32]!r}", "unknown_command"
+        )
+    if len(raw) > max_size:
+        raise ProtocolError(
+            f"body of {len(raw)} bytes exceeds the limit of {max_size}",
+            "too_large",
+        )
+    try:
+        body = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("body must be a JSON object")
+    _check_fields(command, body, fields)
+    return Message(command, body)
+
+
+def _check_fields(command: bytes, body: dict, fields: dict) -> None:
+    name = command.decode()
+    for key, value in body.items():
+        spec = fields.get(key)
+        if spec is None:
+            raise ProtocolError(f"{name}: unknown field {key[:64]!r}")
+        types, _ = spec
+        # bool is an int in Python, but never a valid int on the wire.
+        if not isinstance(value, types) or (
+            isinstance(value, bool) and bool not in types
+        ):
+            expected = " or ".join(_type_name(t) for t in types)
+            raise ProtocolError(f"{name}: field {key!r} must be {expected}")
+    for key, (_, required) in fields.items():
+        if required and key not in body:
+            raise ProtocolError(f"{name}: missing field {key!r}")
+
+
+def _type_name(t: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(t, t.__name__)
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
