@@ -1,1 +1,637 @@
-def main(): pass
+"""mspctl: run a broker or a worker, and use msp from the shell.
+
+Errors are one red line on stderr. Exit status: 0 success; 1 an error the
+broker reported; 2 bad usage; 3 the broker did not answer; 4 not logged in
+or not allowed; 5 the job ended failed or cancelled (``submit --wait``,
+``wait``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import config as msp_config
+from .client import FINAL_STATES, Client
+from .errors import AuthError, BrokerUnavailable, ForbiddenError, MspError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_AUTH, EXIT_JOB = 1, 2, 3, 4, 5
+
+STATE_STYLES = {
+    "queued": "yellow", "running": "cyan", "succeeded": "green",
+    "failed": "red", "cancelled": "magenta",
+}
+
+app = typer.Typer(
+    help="msp: run Python script jobs on workers through a ZeroMQ broker.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+user_app = typer.Typer(help="Manage users (admins).", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class State:
+    """What the global options chose, shared by every command."""
+
+    config_path: Optional[str] = None
+    broker: Optional[str] = None
+    _config: Optional[msp_config.Config] = None
+
+    def config(self, **overrides) -> msp_config.Config:
+        if overrides or self._config is None:
+            given = {"client": {"broker": self.broker}}
+            for section, values in overrides.items():
+                given.setdefault(section, {}).update(values)
+            self._config = msp_config.load(self.config_path, overrides=given)
+        return self._config
+
+
+state = State()
+
+
+@app.callback()
+def main_options(
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", envvar="MSP_CONFIG",
+        help="TOML configuration file (see conf/msp.toml).",
+    ),
+    broker: Optional[str] = typer.Option(
+        None, "--broker", "-b", help="Broker client endpoint, e.g. "
+        "tcp://127.0.0.1:5555 (default: client.broker in the config).",
+    ),
+):
+    state.config_path = config
+    state.broker = broker
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _exit_code(exc: MspError) -> int:
+    if isinstance(exc, BrokerUnavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, (AuthError, ForbiddenError)):
+        return EXIT_AUTH
+    return EXIT_ERROR
+
+
+def main() -> None:
+    """The console entry point: MspError becomes one red line."""
+    try:
+        app(standalone_mode=False)
+    except MspError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        sys.exit(_exit_code(exc))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("[red]aborted[/red]")
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(EXIT_USAGE)
+        raise
+
+
+# Client side.
+
+def _token_path(cfg) -> Path:
+    return Path(cfg.client.token_file).expanduser()
+
+
+def client(need_login: bool = True) -> Client:
+    cfg = state.config()
+    token = None
+    path = _token_path(cfg)
+    if path.exists():
+        token = path.read_text().strip() or None
+    if need_login and not token:
+        raise AuthError("not logged in; run 'mspctl login' first")
+    return Client(cfg.client.broker, token=token, timeout=cfg.client.timeout,
+                  retries=cfg.client.retries)
+
+
+def _save_token(cfg, token: str) -> Path:
+    path = _token_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def when(t: Optional[float]) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def styled(state_name: str) -> str:
+    return f"[{STATE_STYLES.get(state_name, 'white')}]{state_name}[/]"
+
+
+def job_duration(job: dict) -> Optional[float]:
+    if job.get("started_at") is None:
+        return None
+    return (job.get("finished_at") or time.time()) - job["started_at"]
+
+
+@app.command()
+def login(
+    user: str = typer.Argument(None, help="User name (default: $USER)."),
+    password: Optional[str] = typer.Option(
+        None, "--password", envvar="MSP_PASSWORD",
+        help="Password (default: asked for; or $MSP_PASSWORD).",
+    ),
+):
+    """Log in and keep the session token for later commands.
+
+    Example: mspctl login alice
+    """
+    user = user or getpass.getuser()
+    if password is None:
+        password = getpass.getpass(f"password for {user}: ")
+    cfg = state.config()
+    with client(need_login=False) as c:
+        reply = c.login(user, password)
+    path = _save_token(cfg, reply["token"])
+    out.print(f"logged in as [bold]{reply['user']}[/] ({reply['role']}); "
+              f"session until {when(reply['expires'])}, token in {path}")
+
+
+@app.command()
+def logout():
+    """End the session and forget its token.
+
+    Example: mspctl logout
+    """
+    cfg = state.config()
+    with client() as c:
+        c.logout()
+    _token_path(cfg).unlink(missing_ok=True)
+    out.print("logged out")
+
+
+@app.command()
+def submit(
+    script: Path = typer.Argument(..., help="The Python script to run."),
+    args: Optional[List[str]] = typer.Argument(
+        None, help="Arguments for the script (after --)."),
+    data: Path = typer.Option(..., "--data", "-d",
+                              help="Folder the script reads."),
+    output: Path = typer.Option(..., "--output", "-o",
+                                help="Folder the script writes."),
+    priority: int = typer.Option(0, help="Higher runs first."),
+    attempts: Optional[int] = typer.Option(
+        None, help="Attempts before the job fails (default: broker's)."),
+    timeout: Optional[float] = typer.Option(
+        None, help="Wall-clock seconds an attempt may run."),
+    name: Optional[str] = typer.Option(None, help="A name to show."),
+    wait: bool = typer.Option(False, "--wait", "-w",
+                              help="Wait for the job to end."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Submit a job: a script, its data folder and its output folder.
+
+    Example: mspctl submit examples/wordfreq/wordfreq.py -d
+    examples/wordfreq/data -o /tmp/out --wait -- --top 20
+    """
+    with client() as c:
+        job = c.submit(str(script), str(data), str(output), args or [],
+                       priority=priority, attempts=attempts,
+                       timeout=timeout, name=name)
+        if not wait:
+            if as_json:
+                _print_json({"job": job})
+            else:
+                out.print(f"job [bold]{job}[/] queued")
+            return
+        view = _wait_live(c, job, quiet=as_json)
+    if as_json:
+        _print_json(view)
+    else:
+        _print_outcome(view)
+    if view["state"] != "succeeded":
+        raise typer.Exit(EXIT_JOB)
+
+
+def _wait_live(c: Client, job: int, quiet: bool = False) -> dict:
+    """Wait for the job, showing a status line with elapsed time."""
+    start = time.monotonic()
+    if quiet or not err.is_terminal:
+        return c.wait(job)
+    with err.status(f"job {job}: queued") as status:
+        while True:
+            view = c.wait(job, timeout=1.0)
+            if view["state"] in FINAL_STATES:
+                return view
+            progress = view.get("progress")
+            bar = "" if progress is None else f" {progress:4.0%}"
+            status.update(
+                f"job {job}: {view['state']} (attempt {view['attempts']} of "
+                f"{view['max_attempts']}){bar}, "
+                f"{duration(time.monotonic() - start)}"
+            )
+
+
+def _print_outcome(view: dict) -> None:
+    line = f"job [bold]{view['id']}[/] {styled(view['state'])} after " \
+           f"{view['attempts']} attempt(s)"
+    out.print(line)
+    if view.get("error"):
+        out.print(f"  error: {view['error']}", highlight=False)
+    out.print(f"  output: {view['output']}", highlight=False)
+
+
+@app.command("wait")
+def wait_cmd(
+    job: int = typer.Argument(..., help="Job id."),
+    timeout: Optional[float] = typer.Option(None, help="Give up after."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Wait until a job ends; exit 5 unless it succeeded.
+
+    Example: mspctl wait 42
+    """
+    with client() as c:
+        view = c.wait(job, timeout)
+    if as_json:
+        _print_json(view)
+    else:
+        _print_outcome(view)
+    if view["state"] != "succeeded":
+        raise typer.Exit(EXIT_JOB)
+
+
+@app.command()
+def status(
+    job: int = typer.Argument(..., help="Job id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Show a job and every attempt.
+
+    Example: mspctl status 42
+    """
+    with client() as c:
+        reply = c.status(job)
+    if as_json:
+        _print_json(reply)
+        return
+    view = reply["job"]
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("job", str(view["id"]) + (f" ({view['name']})"
+                                   if view.get("name") else "")),
+        ("state", styled(view["state"])),
+        ("script", " ".join([view["script"], *view["args"]])),
+        ("data", view["data"]), ("output", view["output"]),
+        ("priority", str(view["priority"])),
+        ("attempts", f"{view['attempts']} started, {view['failures']} "
+                     f"failed of {view['max_attempts']}, {view['lost']} lost"),
+        ("submitted", when(view["submitted_at"])),
+        ("finished", when(view["finished_at"])),
+    ]
+    if view.get("progress") is not None and view["state"] == "running":
+        rows.append(("progress", f"{view['progress']:.0%}"))
+    if view.get("error"):
+        rows.append(("error", view["error"]))
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+    attempts = Table(title="attempts", title_justify="left")
+    for col in ("#", "worker", "started", "took", "outcome", "exit",
+                "cpu s", "peak MB"):
+        attempts.add_column(col)
+    for a in reply["attempts"]:
+        cpu = None if a["cpu_user"] is None else a["cpu_user"] + \
+            (a["cpu_system"] or 0)
+        attempts.add_row(
+            str(a["number"]), a["worker"], when(a["started_at"]),
+            duration(None if a["ended_at"] is None
+                     else a["ended_at"] - a["started_at"]),
+            styled(a["outcome"] or "running"),
+            "-" if a["exit_code"] is None else str(a["exit_code"]),
+            "-" if cpu is None else f"{cpu:.2f}",
+            "-" if a["max_rss_kb"] is None else f"{a['max_rss_kb'] / 1024:.0f}",
+        )
+    if reply["attempts"]:
+        out.print(attempts)
+
+
+@app.command("list")
+def list_cmd(
+    state_: Optional[str] = typer.Option(None, "--state", "-s",
+                                         help="Only jobs in this state."),
+    user: Optional[str] = typer.Option(None, "--user", "-u",
+                                       help="Only this user's (admins)."),
+    since: Optional[float] = typer.Option(
+        None, help="Only jobs submitted in the last SINCE hours."),
+    limit: int = typer.Option(50, "--limit", "-n", help="At most this many."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """List jobs, newest first.
+
+    Example: mspctl list --state failed --since 24
+    """
+    start = None if since is None else time.time() - since * 3600
+    with client() as c:
+        jobs = c.jobs(state_, user, start, limit)
+    if as_json:
+        _print_json(jobs)
+        return
+    table = Table()
+    for col in ("job", "user", "name / script", "state", "attempts",
+                "submitted", "took"):
+        table.add_column(col, overflow="ellipsis", no_wrap=True)
+    for j in jobs:
+        table.add_row(
+            str(j["id"]), j.get("user") or "-",
+            j.get("name") or Path(j["script"]).name, styled(j["state"]),
+            f"{j['attempts']}/{j['max_attempts']}", when(j["submitted_at"]),
+            duration(job_duration(j)),
+        )
+    out.print(table)
+
+
+@app.command()
+def cancel(job: int = typer.Argument(..., help="Job id.")):
+    """Cancel a job: at once if queued, by stopping it if running.
+
+    Example: mspctl cancel 42
+    """
+    with client() as c:
+        reply = c.cancel(job)
+    if reply.get("cancel_requested"):
+        out.print(f"job {job}: cancel requested; its worker is stopping it")
+    else:
+        out.print(f"job {job} cancelled")
+
+
+@app.command()
+def logs(
+    job: int = typer.Argument(..., help="Job id."),
+    stderr: bool = typer.Option(False, "--stderr", "-e",
+                                help="Show stderr instead of stdout."),
+    follow: bool = typer.Option(False, "--follow", "-f",
+                                help="Keep printing while the job runs."),
+):
+    """Print a job's stdout (or stderr) as the broker sees it.
+
+    Example: mspctl logs 42 --follow
+    """
+    stream = "stderr" if stderr else "stdout"
+    offset = 0
+    with client() as c:
+        while True:
+            chunk = c.logs(job, stream, offset)
+            sys.stdout.write(chunk["data"])
+            sys.stdout.flush()
+            offset = chunk["offset"]
+            if chunk["data"]:
+                continue
+            if not follow or chunk["state"] in FINAL_STATES:
+                return
+            if chunk["state"] == "queued":
+                offset = 0
+            time.sleep(0.5)
+
+
+@app.command()
+def workers(as_json: bool = typer.Option(False, "--json",
+                                         help="Print JSON.")):
+    """List the workers the broker knows.
+
+    Example: mspctl workers
+    """
+    with client() as c:
+        rows = c.workers()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for col in ("worker", "host", "state", "job", "on job", "silent",
+                "done"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    for w in rows:
+        table.add_row(
+            w["name"], w["host"], w["state"],
+            "-" if w["job"] is None else str(w["job"]),
+            duration(w["job_seconds"]), f"{w['silent_seconds']:.1f}s",
+            str(w["jobs_done"]),
+        )
+    out.print(table)
+
+
+@app.command()
+def stats(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Print the broker's snapshot: workers, queue, jobs by state.
+
+    Example: mspctl stats --json
+    """
+    with client() as c:
+        snap = c.stats()
+    if as_json:
+        _print_json(snap)
+        return
+    counts = "  ".join(f"{styled(k)} {v}" for k, v in snap["counts"].items())
+    out.print(f"jobs: {counts}")
+    queue = snap["queue"]
+    wait = queue["oldest_wait"]
+    out.print(f"queue: {sum(queue['by_priority'].values())} waiting"
+              + ("" if wait is None else f", oldest {duration(wait)}"))
+    out.print(f"workers: {len(snap['workers'])}")
+
+
+# Users.
+
+def _new_password(password: Optional[str], prompt: str) -> str:
+    if password is not None:
+        return password
+    first = getpass.getpass(prompt)
+    if getpass.getpass("again: ") != first:
+        raise fail("the passwords differ", EXIT_USAGE)
+    return first
+
+
+@user_app.command("add")
+def user_add(
+    name: str = typer.Argument(..., help="The new user's name."),
+    role: str = typer.Option("user", help="user or admin."),
+    password: Optional[str] = typer.Option(
+        None, "--password", envvar="MSP_NEW_PASSWORD",
+        help="Password (default: asked for)."),
+):
+    """Create a user (admins only).
+
+    Example: mspctl user add alice --role user
+    """
+    password = _new_password(password, f"password for {name}: ")
+    with client() as c:
+        reply = c.user_add(name, password, role)
+    out.print(f"user [bold]{reply['user']}[/] added ({reply['role']})")
+
+
+@user_app.command("list")
+def user_list(as_json: bool = typer.Option(False, "--json")):
+    """List users (admins only).
+
+    Example: mspctl user list
+    """
+    with client() as c:
+        users = c.users()
+    if as_json:
+        _print_json(users)
+        return
+    table = Table()
+    for col in ("user", "role", "disabled", "created"):
+        table.add_column(col)
+    for u in users:
+        table.add_row(u["user"], u["role"], "yes" if u["disabled"] else "",
+                      when(u["created_at"]))
+    out.print(table)
+
+
+@user_app.command("disable")
+def user_disable(name: str = typer.Argument(..., help="User to disable.")):
+    """Disable a user and end their sessions (admins only).
+
+    Example: mspctl user disable mallory
+    """
+    with client() as c:
+        c.user_disable(name)
+    out.print(f"user {name} disabled")
+
+
+@user_app.command("passwd")
+def user_passwd(
+    name: Optional[str] = typer.Argument(
+        None, help="User (default: yourself; others need admin)."),
+    password: Optional[str] = typer.Option(
+        None, "--password", envvar="MSP_NEW_PASSWORD",
+        help="New password (default: asked for)."),
+):
+    """Change a password.
+
+    Example: mspctl user passwd
+    """
+    password = _new_password(password, "new password: ")
+    with client() as c:
+        c.passwd(password, name)
+    out.print("password changed")
+
+
+# Servers.
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def broker(
+    client_endpoint: Optional[str] = typer.Option(None, help="Client ROUTER."),
+    worker_endpoint: Optional[str] = typer.Option(None, help="Worker ROUTER."),
+    events_endpoint: Optional[str] = typer.Option(None, help="Events PUB."),
+    data_dir: Optional[str] = typer.Option(None, help="State folder."),
+    store: Optional[str] = typer.Option(
+        None, help="Database URL: sqlite:///PATH or postgresql://..."),
+    allowed_root: Optional[List[str]] = typer.Option(
+        None, help="A folder jobs may use (repeat for more)."),
+    log_level: str = typer.Option("info", help="debug, info, warning."),
+):
+    """Run the broker in the foreground until SIGTERM or Ctrl-C.
+
+    Example: mspctl --config conf/msp.toml broker
+    """
+    from .broker import Broker
+
+    _setup_logging(log_level)
+    cfg = state.config(broker={
+        "client_endpoint": client_endpoint,
+        "worker_endpoint": worker_endpoint,
+        "events_endpoint": events_endpoint, "data_dir": data_dir,
+        "store": store, "allowed_roots": allowed_root or None,
+    })
+    server = Broker(cfg.broker,
+                    admin_password=os.environ.get("MSP_ADMIN_PASSWORD"))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    server.run()
+
+
+@app.command()
+def worker(
+    broker_endpoint: Optional[str] = typer.Option(
+        None, "--connect", help="Broker worker endpoint."),
+    name: Optional[str] = typer.Option(None, help="Worker name."),
+    executor: Optional[str] = typer.Option(
+        None, help="subprocess (default), fork or noop."),
+    log_level: str = typer.Option("info", help="debug, info, warning."),
+):
+    """Run a worker in the foreground. SIGTERM drains: the running job
+    finishes first; a second signal gives it up.
+
+    Example: mspctl --config conf/msp.toml worker --name gpu-1
+    """
+    from .worker import Worker
+
+    _setup_logging(log_level)
+    cfg = state.config(worker={
+        "broker": broker_endpoint, "name": name, "executor": executor,
+    })
+    w = Worker(cfg.worker)
+    signals = []
+
+    def on_signal(*_):
+        signals.append(1)
+        w.stop(drain=len(signals) == 1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    w.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -96,11 +96,12 @@ class Running:
         }
         reason = self._reason
         if reason is not None:
-            error = {
-                "timed_out": f"timed out after {self.assignment.timeout:g} s",
-                "cancelled": "cancelled",
-                "lost": "the worker gave the attempt up",
-            }.get(reason, reason)
+            if reason == "timed_out":
+                error = f"timed out after {self.assignment.timeout:g} s"
+            elif reason == "lost":
+                error = "the worker gave the attempt up"
+            else:
+                error = reason
             outcome = Outcome(reason, code, error, usage)
         elif code == 0:
             outcome = Outcome("succeeded", 0, None, usage)
