@@ -30,10 +30,10 @@ class Passwords:
 
     def verify(self, password_hash: str | None, password: str) -> bool:
         try:
-            return self._hasher.verify(password_hash or self._dummy, password) \
-                and password_hash is not None
-        except (VerificationError, InvalidHashError):
+            ok = self._hasher.verify(password_hash or self._dummy, password)
+        except (VerificationError, InvalidHashError, UnicodeEncodeError):
             return False
+        return ok and password_hash is not None
 
 
 def new_token() -> str:
@@ -46,6 +46,10 @@ def token_hash(token: str) -> str:
 
 def check_password(password: str) -> str | None:
     """Why ``password`` is not acceptable, or None."""
+    try:
+        password.encode()
+    except UnicodeEncodeError:
+        return "password must be valid UTF-8"
     if len(password) < MIN_PASSWORD:
         return f"password must have at least {MIN_PASSWORD} characters"
     if len(password) > MAX_PASSWORD:

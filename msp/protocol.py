@@ -176,7 +176,8 @@ class Message:
 
 def encode(command: bytes, body: dict[str, Any] | None = None) -> list[bytes]:
     """The three frames of a message."""
-    data = json.dumps(body or {}, separators=(",", ":"), ensure_ascii=False)
+    # ASCII escapes keep any str encodable, lone surrogates included.
+    data = json.dumps(body or {}, separators=(",", ":"))
     return [VERSION, command, data.encode()]
 
 
@@ -228,9 +229,29 @@ def _check_fields(command: bytes, body: dict, fields: dict) -> None:
         ):
             expected = " or ".join(_type_name(t) for t in types)
             raise ProtocolError(f"{name}: field {key!r} must be {expected}")
+        if not _is_text(value):
+            raise ProtocolError(f"{name}: field {key!r} is not valid UTF-8")
     for key, (_, required) in fields.items():
         if required and key not in body:
             raise ProtocolError(f"{name}: missing field {key!r}")
+
+
+def _is_text(value: Any) -> bool:
+    """False for strings holding lone surrogates (JSON can escape them; no
+    file name, database or peer can use them)."""
+    if isinstance(value, str):
+        if value.isascii():
+            return True
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(_is_text(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_text(k) and _is_text(v) for k, v in value.items())
+    return True
 
 
 def _type_name(t: type) -> str:

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from msp.errors import AuthError, ConflictError, NotFoundError, PathError
+from msp.errors import (
+    AuthError, ConflictError, NotFoundError, PathError, ProtocolError,
+)
 
 from .conftest import wait_for
 
@@ -185,3 +187,15 @@ def test_two_workers_share_the_queue(make_cluster):
     assert {v["state"] for v in views} == {"succeeded"}
     ran_on = {c.status(j)["attempts"][0]["worker"] for j in jobs}
     assert ran_on == {"w1", "w2"}
+
+
+def test_a_password_that_is_not_utf8_is_refused_not_fatal(make_cluster):
+    # A lone surrogate survives JSON decoding but not UTF-8 encoding; it
+    # once crashed the broker from inside the password hashing thread.
+    cluster = make_cluster(workers=0)
+    c = cluster.admin()
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        cluster.client().login("admin", "\ud800\ud800\ud800\ud800")
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        c.user_add("eve", "\ud800" * 10)
+    assert c.ping()["version"] == "MSP1"

@@ -65,7 +65,7 @@ def test_worker_heartbeats_and_reconnects_with_growing_backoff(
     fake.linger = 0
     port = fake.bind_to_random_port("tcp://127.0.0.1")
     cfg = WorkerConfig(broker=f"tcp://127.0.0.1:{port}", name="w",
-                       heartbeat_interval=0.1, liveness=3,
+                       heartbeat_interval=0.2, liveness=3,
                        reconnect_min=0.2, reconnect_max=0.8)
     worker = Worker(cfg)
     thread = threading.Thread(target=worker.run, daemon=True)
@@ -74,10 +74,16 @@ def test_worker_heartbeats_and_reconnects_with_growing_backoff(
         identity, version, command, body = recv(fake)
         assert command == protocol.READY and b'"name":"w"' in body
 
-        # Answered, the worker heartbeats every interval.
-        fake.send_multipart([identity, *protocol.encode(protocol.HEARTBEAT)])
-        beats = [recv(fake)[2] for _ in range(3)]
-        assert beats == [protocol.HEARTBEAT] * 3
+        # Answered, the worker heartbeats every interval and keeps its
+        # socket (a new socket would announce itself with READY).
+        beats = []
+        for _ in range(5):
+            fake.send_multipart(
+                [identity, *protocol.encode(protocol.HEARTBEAT)]
+            )
+            frames = recv(fake)
+            beats.append((frames[0], frames[2]))
+        assert beats == [(identity, protocol.HEARTBEAT)] * 5
 
         # Unanswered, it gives up on the socket and announces itself again
         # on a new one, after a back-off that doubles up to the ceiling.

@@ -174,19 +174,22 @@ class ClientHandler:
         """Run ``slow()`` off the loop, then ``then(result)`` in a turn of
         its own, replying with what it returns (or its error)."""
 
-        def done(result):
+        def done(future):
             try:
+                result = future.result()
                 with self.broker.store.atomic():
                     body = then(result, self.broker.wall())
             except MspError as exc:
                 self._reply_err(identity, exc.code, exc.message)
+            except Exception:
+                log.exception("unexpected error finishing a request")
+                self._reply_err(identity, "internal",
+                                "the broker failed; see its log")
             else:
                 self.reply(identity, body)
 
         future = self._pool.submit(slow)
-        future.add_done_callback(
-            lambda f: self.broker.later(lambda: done(f.result()))
-        )
+        future.add_done_callback(lambda f: self.broker.later(lambda: done(f)))
 
     # Commands. Each returns the reply body, or None when it replies later.
 
