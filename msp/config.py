@@ -104,8 +104,16 @@ def load(
             raw = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path}: cannot read: {exc}") \
+                from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+    for name, section in raw.items():
+        if name in SECTIONS and not isinstance(section, dict):
+            raise ConfigError(
+                f"config file {path}: [{name}] must be a table of settings"
+            )
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ConfigError(
@@ -203,7 +211,9 @@ def _validate(config: Config) -> None:
             "subprocess, fork, noop"
         )
     if b.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-        raise ConfigError("[broker] sqlite_synchronous must be NORMAL or FULL")
+        raise ConfigError(
+            "[broker] sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA"
+        )
 
 
 def store_url(broker: BrokerConfig) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .errors import PathError
 
-MAX_PATH_BYTES = 4096
+# Linux's PATH_MAX counts the closing NUL.
+MAX_PATH_BYTES = 4095
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,16 @@ def resolve_roots(roots: list[str]) -> tuple[Path, ...]:
 
 def check(script: str, data: str, output: str, roots: tuple[Path, ...]):
     """Resolve and check the three paths of a job; raise PathError."""
+    try:
+        return _check(script, data, output, roots)
+    except OSError as exc:
+        # A name too long for the file system, a loop of links, an I/O
+        # error: the path is unusable, whichever it is.
+        where = exc.filename or "a path"
+        raise PathError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _check(script: str, data: str, output: str, roots: tuple[Path, ...]):
     script_path = _resolve("script", script, roots)
     data_path = _resolve("data folder", data, roots)
     output_path = _resolve("output folder", output, roots)

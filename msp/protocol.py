@@ -207,13 +207,21 @@ def parse(frames: list[bytes], schema: dict, max_size: int) -> Message:
             "too_large",
         )
     try:
-        body = json.loads(raw) if raw else {}
+        # Decode first: json.loads would also take UTF-16 and UTF-32 bytes.
+        body = json.loads(raw.decode(), parse_constant=_no_constant) \
+            if raw else {}
+    except RecursionError:
+        raise ProtocolError("body is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"body is not UTF-8 JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body must be a JSON object")
     _check_fields(command, body, fields)
     return Message(command, body)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _check_fields(command: bytes, body: dict, fields: dict) -> None:
