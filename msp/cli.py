@@ -631,6 +631,8 @@ def worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     w.run()
+    if w.refused is not None:
+        raise fail(f"the broker refused this worker: {w.refused}", EXIT_AUTH)
 
 
 if __name__ == "__main__":

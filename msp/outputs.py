@@ -22,26 +22,30 @@ STDOUT = "stdout.log"
 STDERR = "stderr.log"
 STATUS = "msp-status.json"
 MARKERS = {"failed": "FAILED", "cancelled": "CANCELLED"}
+# Names in the output folder that belong to msp, not to the script.
+RESERVED = frozenset((SCRATCH, STATUS, *MARKERS.values()))
 
 
 def scratch_dir(output: str | os.PathLike, number: int, token: str) -> Path:
     return Path(output) / SCRATCH / f"attempt-{number}-{token[:8]}"
 
 
-def promote(output: Path, scratch: Path, status: dict) -> None:
+def promote(output: Path, scratch: Path | None, status: dict) -> None:
     """Move the attempt's files into ``output`` and write its status.
 
     Idempotent: run again after a crash, it moves what is left and rewrites
     the status, so a result recorded twice leaves one attempt's files.
     """
     output.mkdir(parents=True, exist_ok=True)
-    if scratch.is_dir():
+    if scratch is not None and scratch.is_dir():
         for entry in scratch.iterdir():
+            if entry.name in RESERVED:
+                continue  # a script may not replace msp's own files
             target = output / entry.name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(entry, target)
-        scratch.rmdir()
+        shutil.rmtree(scratch)
         try:
             scratch.parent.rmdir()  # only if no earlier attempt left logs
         except OSError:

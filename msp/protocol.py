@@ -44,8 +44,10 @@ PROGRESS = b"PROGRESS"
 RESULT = b"RESULT"
 BYE = b"BYE"
 
-# Attempt outcomes a worker reports (the broker adds "lost").
-OUTCOMES = ("succeeded", "failed", "timed_out", "error", "cancelled")
+# Attempt outcomes a worker reports. "lost" is also what the broker records
+# for the attempt of a worker that died; a worker reports it when it gives
+# an attempt back (it is leaving), so that the job is re-queued.
+OUTCOMES = ("succeeded", "failed", "timed_out", "error", "cancelled", "lost")
 
 # Field types: a tuple of accepted Python types, after JSON decoding.
 _STR = (str,)
@@ -109,12 +111,6 @@ CLIENT_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
     b"USER_DISABLE": {"token": (_STR, True), "user": (_STR, True)},
     b"WORKERS": {"token": (_STR, True)},
     b"STATS": {"token": (_STR, True)},
-    b"BILLING": {
-        "token": (_STR, True),
-        "user": (_STR + _NONE, False),
-        "since": (_NUM + _NONE, False),
-        "until": (_NUM + _NONE, False),
-    },
 }
 
 WORKER_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {

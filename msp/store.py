@@ -272,7 +272,8 @@ class Store:
         )
 
     def session(self, token_hash: str):
-        """(user, session) for a live token, or None."""
+        """The session with this token hash, its user joined, or None.
+        Revoked and expired sessions are returned too: the caller decides."""
         query = (
             self.m.Session.select(self.m.Session, self.m.User)
             .join(self.m.User)
@@ -313,6 +314,13 @@ class Store:
             submitted_at=now,
         )
         return job.id, True
+
+    def job_by_request(self, user_id: int, request_id: str) -> int | None:
+        found = self.m.Job.get_or_none(
+            (self.m.Job.user == user_id)
+            & (self.m.Job.request_id == request_id)
+        )
+        return None if found is None else found.id
 
     def job(self, job_id: int) -> dict | None:
         cursor = self._exec(self.sql.job, (job_id,))

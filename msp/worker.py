@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 # A line a script prints on stdout to report its progress, e.g.
 # "msp:progress 0.25 reading input" or "msp:progress 25%".
-PROGRESS = re.compile(rb"^msp:progress\s+([0-9]*\.?[0-9]+)(%?)(?:\s+(.*))?$",
-                      re.M)
+PROGRESS = re.compile(
+    rb"^msp:progress[ \t]+([0-9]*\.?[0-9]+)(%?)(?:[ \t]+([^\r\n]*))?\r?$",
+    re.M,
+)
 PROGRESS_PERIOD = 0.5
 
 
@@ -62,6 +64,8 @@ class Worker:
         self.clock = clock
         self.period = config.heartbeat_interval * config.liveness
         self.jobs_done = 0
+        # Why the broker refused this worker, if it did.
+        self.refused: str | None = None
         self._sock: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._wake_r, self._wake_w = os.pipe()
@@ -98,6 +102,9 @@ class Worker:
         if not self.connected.wait(timeout):
             raise MspError(f"worker {self.name}: no broker answered within "
                            f"{timeout} s at {self.config.broker}")
+        if self.refused is not None:
+            raise MspError(f"worker {self.name}: refused by the broker: "
+                           f"{self.refused}")
         return self
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -236,7 +243,6 @@ class Worker:
                 return
             self._heard = now
             self._delay = self.config.reconnect_min
-            self.connected.set()
             try:
                 msg = protocol.parse(frames, protocol.BROKER_COMMANDS,
                                      self.config.max_message_size)
@@ -244,6 +250,8 @@ class Worker:
                 log.warning("worker %s: bad message from broker: %s",
                             self.name, exc)
                 continue
+            if msg.command != protocol.ERROR:
+                self.connected.set()
             self._on_message(msg, now)
             if self._sock is None:
                 return
@@ -274,14 +282,27 @@ class Worker:
                 self._sock.close(linger=0)
                 self._sock = None
                 self._connect()
+            elif body["code"] == "unauthenticated":
+                # Trying again cannot help: say why and leave.
+                log.error("worker %s: refused by the broker: %s", self.name,
+                          body["message"])
+                self.refused = body["message"]
+                self._stopping = self._drain_now = True
+                self.connected.set()
             else:
                 log.error("worker %s: broker says %s: %s", self.name,
                           body["code"], body["message"])
 
     def _assign(self, body: dict, now: float) -> None:
         if self._assignment is not None or self._stopping:
-            log.warning("worker %s: refused job %d, busy or leaving",
+            # It crossed our BYE (or the broker lost track): give it back
+            # at once, so that it is re-queued without spending an attempt.
+            log.warning("worker %s: gave back job %d, busy or leaving",
                         self.name, body["job"])
+            self._send(protocol.RESULT, {
+                "job": body["job"], "token": body["token"], "outcome": "lost",
+                "error": "the worker was leaving", "output": False,
+            })
             return
         a = Assignment(
             job=body["job"], token=body["token"], attempt=body["attempt"],
@@ -351,6 +372,8 @@ class Worker:
         except OSError:
             return
         end = chunk.rfind(b"\n") + 1
+        if end == 0 and len(chunk) == 1 << 20:
+            end = len(chunk)  # a megabyte without a newline: skip it
         self._progress_pos += end
         matches = PROGRESS.findall(chunk[:end])
         if not matches:

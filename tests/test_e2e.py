@@ -199,3 +199,76 @@ def test_a_password_that_is_not_utf8_is_refused_not_fatal(make_cluster):
     with pytest.raises(ProtocolError, match="UTF-8"):
         c.user_add("eve", "\ud800" * 10)
     assert c.ping()["version"] == "MSP1"
+
+
+def test_a_worker_with_the_wrong_secret_is_refused_and_stops(make_cluster):
+    from msp.errors import MspError
+
+    cluster = make_cluster(workers=0, worker_secret="right-secret")
+    with pytest.raises(MspError, match="wrong worker secret"):
+        cluster.add_worker(secret="wrong-secret")
+    assert cluster.admin().workers() == []
+    good = cluster.add_worker(name="good", secret="right-secret")
+    assert good.refused is None
+    assert [w["name"] for w in cluster.admin().workers()] == ["good"]
+
+
+def test_a_script_cannot_clobber_msps_own_files(make_cluster):
+    cluster = make_cluster()
+    c = cluster.admin()
+    out = cluster.output()
+    script = cluster.script("sneaky.py", """\
+import os
+os.makedirs(".msp/x", exist_ok=True)
+open("msp-status.json", "w").write("forged")
+open("kept.txt", "w").write("mine")
+""")
+    job = c.submit(script, cluster.data, out)
+    assert c.wait(job, timeout=30)["state"] == "succeeded"
+    assert (out / "kept.txt").read_text() == "mine"
+    assert json.loads((out / "msp-status.json").read_text())["job"] == job
+
+
+def test_a_retried_submit_makes_one_job(make_cluster):
+    cluster = make_cluster(workers=0)
+    c = cluster.admin()
+    script = cluster.script("ok.py", "")
+    body = {"token": c.token, "request_id": "same-request",
+            "script": str(script), "data": str(cluster.data),
+            "output": str(cluster.output())}
+    first = c.request("SUBMIT", body)
+    again = c.request("SUBMIT", body)
+    assert first == {"job": first["job"], "created": True}
+    assert again == {"job": first["job"], "created": False}
+    assert len(c.jobs()) == 1
+
+
+def test_status_does_not_show_attempt_tokens(make_cluster):
+    cluster = make_cluster()
+    c = cluster.admin()
+    job = c.submit(cluster.script("ok.py", ""), cluster.data,
+                   cluster.output())
+    c.wait(job, timeout=30)
+    attempts = c.status(job)["attempts"]
+    assert len(attempts) == 1 and "token" not in attempts[0]
+
+
+def test_progress_lines_reach_the_job(make_cluster):
+    cluster = make_cluster()
+    c = cluster.admin()
+    flag = cluster.root / "go"
+    script = cluster.script("progress.py", f"""\
+import os, time
+print("msp:progress 0.25")
+print("not progress")
+print("msp:progress 60% halfway\\r")
+deadline = time.time() + 30
+while not os.path.exists({str(flag)!r}) and time.time() < deadline:
+    time.sleep(0.02)
+""")
+    job = c.submit(script, cluster.data, cluster.output())
+    view = wait_for(lambda: (v := c.status(job)["job"])["progress"] == 0.6
+                    and v, timeout=20, message="progress 0.6")
+    assert view["state"] == "running"
+    flag.touch()
+    assert c.wait(job, timeout=30)["state"] == "succeeded"

@@ -107,9 +107,11 @@ def main(argv=None):
         json.dump(summary, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
+    # No folder in this line: under msp it would name the attempt's scratch
+    # folder, which msp empties into the output folder once the job ends.
     print(f"wrote frequencies.csv ({len(counts)} distinct words) and "
           f"summary.json ({summary['total_words']} words in {len(files)} "
-          f"files) to {output}")
+          f"files)")
 
 
 if __name__ == "__main__":

@@ -249,12 +249,16 @@ class ClientHandler:
 
     def _submit(self, identity, caller, body, now, wall):
         spec = _check_spec(body, self.config.attempts)
+        store = self.broker.store
+        known = store.job_by_request(caller.user_id, body["request_id"])
+        if known is not None:
+            # A retried submit: the first one was stored.
+            return {"job": known, "created": False}
         checked = paths.check(
             spec["script"], spec["data"], spec["output"], self.broker.roots
         )
         spec.update(script=str(checked.script), data=str(checked.data),
                     output=str(checked.output))
-        store = self.broker.store
         job_id, created = store.submit(
             caller.user_id, body["request_id"], spec, wall
         )
@@ -277,6 +281,8 @@ class ClientHandler:
     def _status(self, identity, caller, body, now, wall):
         job = self._job_for(caller, body["job"])
         attempts = self.broker.store.attempts(job["id"])
+        for attempt in attempts:
+            del attempt["token"]  # a worker's credential for the attempt
         return {"job": self._view(job), "attempts": attempts}
 
     def _wait(self, identity, caller, body, now, wall):
@@ -320,6 +326,7 @@ class ClientHandler:
             store.audit(wall, "cancel_by_admin", caller.name, job=job_id)
         if job["state"] == "queued" and store.cancel_queued(job_id, wall):
             log.info("job %d cancelled while queued", job_id)
+            _mark_cancelled(job, caller.name)
             self.broker.publish("job", event="cancelled", job=job_id,
                                 state="cancelled")
             self.broker.job_ended(job_id)
@@ -335,12 +342,14 @@ class ClientHandler:
         if stream not in ("stdout", "stderr"):
             raise ProtocolError("stream must be stdout or stderr")
         offset = max(body.get("offset", 0), 0)
-        limit = min(max(body.get("limit", 65536), 1), MAX_LOG_CHUNK)
+        limit = min(max(body.get("limit", 65536), 16), MAX_LOG_CHUNK)
         name = outputs.STDOUT if stream == "stdout" else outputs.STDERR
         folder = Path(job["output_dir"])
         if job["state"] == "running" and job["token"]:
             folder = outputs.scratch_dir(folder, job["attempts"], job["token"])
-        data, size = _read_chunk(folder / name, offset, limit)
+        # A running script may be halfway through writing a character.
+        data, size = _read_chunk(folder / name, offset, limit,
+                                 whole=job["state"] == "running")
         return {
             "data": data.decode("utf-8", "replace"),
             "offset": offset + len(data),
@@ -411,7 +420,7 @@ class ClientHandler:
         finished = store.finished_since(wall - 15 * 60)
         per_minute = [0] * 15
         for t in finished:
-            index = min(int((wall - t) // 60), 14)
+            index = min(max(int((wall - t) // 60), 0), 14)
             per_minute[14 - index] += 1
         return {
             "time": wall,
@@ -437,6 +446,20 @@ class ClientHandler:
         if "user" in job:
             view["user"] = job["user"]
         return view
+
+
+def _mark_cancelled(job: dict, by: str) -> None:
+    """Say so in the output folder, if an earlier attempt made it."""
+    output = Path(job["output_dir"])
+    if not output.is_dir():
+        return
+    status = {"job": job["id"], "state": "cancelled", "attempt": None,
+              "outcome": None, "exit_code": None,
+              "error": f"cancelled while queued by {by}"}
+    try:
+        outputs.promote(output, None, status)
+    except OSError as exc:
+        log.error("job %d: could not write its status: %s", job["id"], exc)
 
 
 def _check_spec(body: dict, default_attempts: int) -> dict:
@@ -478,7 +501,8 @@ def _check_spec(body: dict, default_attempts: int) -> dict:
     }
 
 
-def _read_chunk(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
+def _read_chunk(path: Path, offset: int, limit: int,
+                whole: bool = False) -> tuple[bytes, int]:
     """Up to ``limit`` bytes of ``path`` from ``offset``, cut at the end of
     the last whole UTF-8 character; and the file's size."""
     try:
@@ -488,7 +512,7 @@ def _read_chunk(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
             data = f.read(limit)
     except FileNotFoundError:
         return b"", 0
-    if len(data) == limit:
+    if len(data) == limit or whole:
         cut = len(data)
         # Step back over an incomplete multi-byte character at the end.
         for back in range(1, min(4, len(data)) + 1):

@@ -231,16 +231,18 @@ class Broker:
 
     def handle(self, name: str, frames: list[bytes], now: float, wall: float):
         """Handle one message from a client or a worker socket."""
-        mark = len(self._outbox), len(self._events)
+        mark = len(self._outbox), len(self._events), self._seq
+        ended = set(self._ended)
         handler = self.clients if name == "client" else self.workers
         try:
             handler.handle(frames, now, wall)
         except Exception:
-            # A bug, not bad input: the savepoint of the handler has rolled
-            # its writes back; drop what it queued and keep serving.
+            # A bug, not bad input: the handler's savepoint has rolled its
+            # writes back; drop what it queued and keep serving.
             log.exception("unexpected error handling a %s message", name)
             del self._outbox[mark[0]:]
             del self._events[mark[1]:]
+            self._seq, self._ended = mark[2], ended
             handler.internal_error(frames)
 
     def transact(self, work: Callable[[], None]) -> None:

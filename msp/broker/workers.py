@@ -141,7 +141,13 @@ class WorkerHandler:
         if peer is not None:
             peer.expires = now + self.period
             peer.last_seen = wall
-        self._handlers[msg.command](identity, peer, msg.body, now, wall)
+        handler = self._handlers[msg.command]
+        if msg.command == protocol.HEARTBEAT:
+            handler(identity, peer, msg.body, now, wall)
+            return
+        # A savepoint, so that a failure halfway leaves no writes behind.
+        with self.broker.store.atomic():
+            handler(identity, peer, msg.body, now, wall)
 
     def internal_error(self, frames: list[bytes]) -> None:
         if frames:
@@ -175,11 +181,12 @@ class WorkerHandler:
         name = body["name"][:256]
         # The same worker on a new socket: forget the old one, but let the
         # new one claim the job the old one held.
+        held = (body.get("job"), body.get("token"))
         for other in [p for p in self.peers.values() if p.name == name]:
             if other.identity != identity:
-                self._forget(other, now, wall, keep_job=body.get("job"))
+                self._forget(other, now, wall, keep=held)
         if peer is not None:
-            self._forget(peer, now, wall, keep_job=body.get("job"))
+            self._forget(peer, now, wall, keep=held)
         peer = Peer(
             identity=identity, name=name, host=body.get("host", "")[:256],
             pid=body.get("pid"), joined=wall, expires=now + self.period,
@@ -259,7 +266,7 @@ class WorkerHandler:
         job_id, token = body["job"], body["token"]
         outcome = body["outcome"]
         ack = {"job": job_id, "token": token}
-        if outcome not in protocol.OUTCOMES and outcome != "lost":
+        if outcome not in protocol.OUTCOMES:
             self._error(identity, "bad_request",
                         f"RESULT: unknown outcome {outcome[:32]!r}")
             return
@@ -301,11 +308,16 @@ class WorkerHandler:
         self._announce(job, decision, outcome, peer.name, error)
 
     def _finish_output(self, job, state, outcome, body, error) -> None:
+        """Promote the attempt that ends the job; ``body`` None writes the
+        status alone."""
         output = Path(job["output_dir"])
-        scratch = outputs.scratch_dir(output, job["attempts"], body["token"])
+        scratch = None if body is None else outputs.scratch_dir(
+            output, job["attempts"], body["token"]
+        )
         status = {
             "job": job["id"], "state": state, "attempt": job["attempts"],
-            "outcome": outcome, "exit_code": body.get("exit_code"),
+            "outcome": outcome,
+            "exit_code": None if body is None else body.get("exit_code"),
             "error": error,
         }
         try:
@@ -405,13 +417,13 @@ class WorkerHandler:
         peer.job = peer.token = peer.job_since = peer.progress = None
         peer.stale = False
 
-    def _forget(self, peer: Peer, now, wall, keep_job=None) -> None:
-        """Drop a worker; a job it held is lost unless ``keep_job`` says
-        its new socket still holds it."""
+    def _forget(self, peer: Peer, now, wall, keep=None) -> None:
+        """Drop a worker; a job it held is lost unless ``keep`` (job,
+        token) says that its new socket still holds that very attempt."""
         self.peers.pop(peer.identity, None)
         self.idle.pop(peer.identity, None)
         if peer.job is not None and not peer.stale:
-            if keep_job == peer.job:
+            if keep == (peer.job, peer.token):
                 self.by_job.pop(peer.job, None)
             else:
                 self._lose(peer.job, peer.token, wall,
@@ -431,8 +443,9 @@ class WorkerHandler:
             if decision.state == "failed":
                 error = f"lost {job['lost'] + 1} times; last: {why}"
             if decision.state != "queued":
-                self._finish_output(job, decision.state, "lost",
-                                    {"token": token}, error)
+                # The lost attempt's files stay in its scratch folder: its
+                # worker may still be writing them.
+                self._finish_output(job, decision.state, "lost", None, error)
             store.end_attempt(
                 job_id, token, wall, "lost", job_state=decision.state,
                 lost=1, error=error,
