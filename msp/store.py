@@ -196,7 +196,7 @@ class _Sql:
 
 
 def _row(columns: Iterable[str], values: Iterable[Any]) -> dict[str, Any]:
-    row = dict(zip(columns, values))
+    row = dict(zip(columns, values, strict=True))
     if "args" in row and isinstance(row["args"], str):
         row["args"] = json.loads(row["args"])
     if "cancel_requested" in row:
@@ -244,13 +244,13 @@ class Store:
         except pw.IntegrityError:
             return None
 
-    def user(self, name: str) -> User | None:
+    def user(self, name: str):
         return self.m.User.get_or_none(self.m.User.name == name)
 
-    def user_by_id(self, user_id: int) -> User | None:
+    def user_by_id(self, user_id: int):
         return self.m.User.get_or_none(self.m.User.id == user_id)
 
-    def users(self) -> list[User]:
+    def users(self) -> list:
         return list(self.m.User.select().order_by(self.m.User.name))
 
     def count_users(self) -> int:
@@ -287,7 +287,8 @@ class Store:
         ).execute()
 
     def revoke_sessions(self, user_id: int) -> None:
-        self.m.Session.update(revoked=True).where(self.m.Session.user == user_id).execute()
+        Session = self.m.Session
+        Session.update(revoked=True).where(Session.user == user_id).execute()
 
     def audit(self, now: float, event: str, actor: str | None, **detail):
         self.m.Audit.create(
@@ -407,7 +408,8 @@ class Store:
         return count == 1
 
     def request_cancel(self, job_id: int) -> None:
-        self.m.Job.update(cancel_requested=True).where(self.m.Job.id == job_id).execute()
+        Job = self.m.Job
+        Job.update(cancel_requested=True).where(Job.id == job_id).execute()
 
     def set_progress(self, job_id: int, token: str, value: float) -> None:
         self.m.Job.update(progress=value).where(
@@ -447,7 +449,8 @@ class Store:
     # Figures for the monitor and billing.
 
     def counts(self) -> dict[str, int]:
-        query = self.m.Job.select(self.m.Job.state, pw.fn.COUNT(self.m.Job.id)).group_by(self.m.Job.state)
+        Job = self.m.Job
+        query = Job.select(Job.state, pw.fn.COUNT(Job.id)).group_by(Job.state)
         counts = dict.fromkeys(JOB_STATES, 0)
         counts.update(dict(query.tuples()))
         return counts
@@ -470,14 +473,16 @@ class Store:
         }
 
     def finished_since(self, since: float) -> list[float]:
-        query = self.m.Job.select(self.m.Job.finished_at).where(self.m.Job.finished_at >= since)
+        Job = self.m.Job
+        query = Job.select(Job.finished_at).where(Job.finished_at >= since)
         return [t for (t,) in query.tuples()]
 
     def usage(self, since: float, until: float, user_id=None) -> list[dict]:
         """Attempts that ended in [since, until), with job and user."""
         query = (
             self.m.Attempt.select(
-                self.m.Attempt, self.m.Job.id.alias("jid"), self.m.Job.name.alias("jname"),
+                self.m.Attempt, self.m.Job.id.alias("jid"),
+                self.m.Job.name.alias("jname"),
                 self.m.Job.script.alias("jscript"), self.m.User.name.alias("uname"),
             )
             .join(self.m.Job)

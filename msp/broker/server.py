@@ -21,7 +21,7 @@ from typing import Callable
 import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from .. import paths, protocol
+from .. import paths
 from ..auth import Passwords
 from ..config import BrokerConfig, store_url
 from ..errors import MspError
