@@ -1,7 +1,7 @@
 """mspctl: run a broker or a worker, and use msp from the shell.
 
 Errors are one red line on stderr. Exit status: 0 success; 1 an error the
-broker reported; 2 bad usage; 3 the broker did not answer; 4 not logged in
+broker reported; 2 bad usage or configuration; 3 the broker did not answer; 4 not logged in
 or not allowed; 5 the job ended failed or cancelled (``submit --wait``,
 ``wait``).
 """
@@ -16,18 +16,31 @@ import signal
 import sys
 import time
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+import zmq
 from rich.console import Console
 from rich.table import Table
 
 from . import config as msp_config
 from .client import FINAL_STATES, Client
-from .errors import AuthError, BrokerUnavailable, ForbiddenError, MspError
+from .errors import (
+    AuthError, BrokerUnavailable, ConfigError, ForbiddenError, MspError,
+)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_AUTH, EXIT_JOB = 1, 2, 3, 4, 5
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
 
 STATE_STYLES = {
     "queued": "yellow", "running": "cyan", "succeeded": "green",
@@ -39,11 +52,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-user_app = typer.Typer(help="Manage users (admins).", no_args_is_help=True)
+user_app = typer.Typer(
+    help="Manage users (admins). Example: mspctl user add alice",
+    no_args_is_help=True,
+)
 app.add_typer(user_app, name="user")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class State:
@@ -81,7 +97,7 @@ def main_options(
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -90,28 +106,26 @@ def _exit_code(exc: MspError) -> int:
         return EXIT_UNAVAILABLE
     if isinstance(exc, (AuthError, ForbiddenError)):
         return EXIT_AUTH
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
     return EXIT_ERROR
 
 
 def main() -> None:
-    """The console entry point: MspError becomes one red line."""
-    try:
-        app(standalone_mode=False)
-    except MspError as exc:
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
-        sys.exit(_exit_code(exc))
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("[red]aborted[/red]")
-        sys.exit(EXIT_ERROR)
-    except Exception as exc:  # click's usage errors
-        import click
+    """The console entry point: MspError becomes one red line.
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(EXIT_USAGE)
-        raise
+    typer itself handles usage errors (exit 2) and ``typer.Exit``."""
+    try:
+        app()
+    except MspError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(_exit_code(exc))
+    except zmq.ZMQError as exc:
+        err.print(f"[red]error:[/red] {exc}; an endpoint looks like "
+                  "tcp://127.0.0.1:5555 or ipc:///path/to/socket",
+                  highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USAGE)
 
 
 # Client side.
@@ -149,7 +163,7 @@ def _print_json(data) -> None:
 def when(t: Optional[float]) -> str:
     if t is None:
         return "-"
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(t).strftime("%m-%d %H:%M:%S")
 
 
 def duration(seconds: Optional[float]) -> str:
@@ -360,12 +374,12 @@ def status(
 
 @app.command("list")
 def list_cmd(
-    state_: Optional[str] = typer.Option(None, "--state", "-s",
-                                         help="Only jobs in this state."),
+    state_: Optional[JobState] = typer.Option(
+        None, "--state", "-s", help="Only jobs in this state."),
     user: Optional[str] = typer.Option(None, "--user", "-u",
                                        help="Only this user's (admins)."),
     since: Optional[float] = typer.Option(
-        None, help="Only jobs submitted in the last SINCE hours."),
+        None, min=0, help="Only jobs submitted in the last SINCE hours."),
     limit: int = typer.Option(50, "--limit", "-n", help="At most this many."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
@@ -375,14 +389,16 @@ def list_cmd(
     """
     start = None if since is None else time.time() - since * 3600
     with client() as c:
-        jobs = c.jobs(state_, user, start, limit)
+        jobs = c.jobs(state_ and state_.value, user, start, limit)
     if as_json:
         _print_json(jobs)
         return
     table = Table()
-    for col in ("job", "user", "name / script", "state", "attempts",
-                "submitted", "took"):
-        table.add_column(col, overflow="ellipsis", no_wrap=True)
+    for col, width in (("job", 3), ("user", 4), ("name / script", 8),
+                       ("state", 9), ("tries", 5), ("submitted", 14),
+                       ("took", 6)):
+        table.add_column(col, overflow="ellipsis", no_wrap=True,
+                         min_width=width)
     for j in jobs:
         table.add_row(
             str(j["id"]), j.get("user") or "-",

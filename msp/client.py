@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .errors import BrokerUnavailable, ProtocolError, from_wire
+from .errors import BrokerUnavailable, ConfigError, ProtocolError, from_wire
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,14 @@ class Client:
                 sock.curve_secretkey = self.curve["secret"]
                 sock.curve_publickey = self.curve["public"]
                 sock.curve_serverkey = self.curve["server"]
-            sock.connect(self.endpoint)
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise ConfigError(
+                    f"cannot use broker endpoint {self.endpoint!r}: {exc}; "
+                    "write it like tcp://127.0.0.1:5555"
+                ) from None
             self._sock = sock
         return self._sock
 

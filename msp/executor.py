@@ -152,12 +152,15 @@ class SubprocessExecutor:
         Returns the :class:`Running` attempt, or None when the script could
         not start (``done`` has then been called already).
         """
-        problem = self._check_script(a.script)
-        if problem is not None:
-            done(Outcome("error", None, problem, {}))
-            return None
         scratch = a.scratch
         scratch.mkdir(parents=True, exist_ok=True)
+        problem = self._check_script(a.script)
+        if problem is not None:
+            # Where `mspctl logs --stderr` looks, as if Python had said it.
+            (scratch / outputs.STDOUT).write_bytes(b"")
+            (scratch / outputs.STDERR).write_text(problem + "\n")
+            done(Outcome("error", None, problem, {}))
+            return None
         env = dict(self.base_env)
         env.update(
             MSP_JOB_ID=str(a.job), MSP_ATTEMPT=str(a.attempt),

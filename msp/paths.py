@@ -57,6 +57,10 @@ def _check(script: str, data: str, output: str, roots: tuple[Path, ...]):
         raise PathError(
             f"output folder {output}: inside the data folder {data}"
         )
+    if output_path in data_path.parents:
+        raise PathError(
+            f"output folder {output}: holds the data folder {data}"
+        )
     _check_creatable(output, output_path)
     return JobPaths(script_path, data_path, output_path)
 
@@ -85,7 +89,7 @@ def _resolve(what: str, raw: str, roots: tuple[Path, ...]) -> Path:
         allowed = ", ".join(str(r) for r in roots) or "none configured"
         raise PathError(
             f"{what} {shown}: resolves to {path}, outside the allowed roots "
-            f"({allowed})"
+            f"({allowed}; the broker's [broker] allowed_roots setting)"
         )
     return path
 

@@ -118,6 +118,8 @@ class Worker:
             self._thread.join(timeout)
 
     def run(self) -> None:
+        log.info("worker %s connecting to %s (%s executor)", self.name,
+                 self.config.broker, self.config.executor)
         self._connect()
         try:
             while self._step():
@@ -188,8 +190,8 @@ class Worker:
         self._sock.close(linger=0)
         self._sock = None
         self._reconnect_at = now + self._delay
-        log.warning("worker %s: broker silent; reconnecting in %.1f s",
-                    self.name, self._delay)
+        log.warning("worker %s: broker at %s silent; reconnecting in %.1f s",
+                    self.name, self.config.broker, self._delay)
         self._delay = min(self._delay * 2, self.config.reconnect_max)
 
     def _send(self, command: bytes, body: dict | None = None) -> None:

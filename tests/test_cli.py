@@ -97,3 +97,47 @@ def test_errors_are_one_line_and_a_status(processes):
     gone = p.ctl("list")
     assert gone.returncode == 3
     assert "no reply from the broker" in gone.stderr
+
+
+def test_exit_statuses_say_what_happened(processes):
+    p = processes()
+    p.start_broker()
+    p.start_worker("w1")
+    fail = p.root / "fail.py"
+    fail.write_text("raise SystemExit(3)\n")
+    (p.root / "data").mkdir()
+    p.ctl("login", "admin", "--password", ADMIN_PASSWORD)
+
+    failed = p.ctl("submit", str(fail), "-d", str(p.root / "data"),
+                   "-o", str(p.root / "out"), "--attempts", "1", "--wait")
+    assert failed.returncode == 5, failed.stdout + failed.stderr
+    assert "failed" in failed.stdout
+    job = p.client().jobs()[0]["id"]
+    assert p.ctl("wait", str(job)).returncode == 5
+
+    assert p.ctl("bogus").returncode == 2
+    assert p.ctl("list", "--state", "FAILED").returncode == 2
+    assert p.ctl("list", "--since", "-5").returncode == 2
+    bad = p.ctl("--broker", "localhost:5555", "list")
+    assert bad.returncode == 2 and "tcp://127.0.0.1:5555" in bad.stderr
+
+
+def test_a_worker_refused_by_the_broker_exits_4(processes):
+    p = processes(MSP_BROKER_WORKER_SECRET="right")
+    p.start_broker()
+    p.env["MSP_WORKER_SECRET"] = "wrong"
+    worker = p.start_worker("rogue")
+    assert worker.wait(30) == 4
+    assert "wrong worker secret" in p.log("rogue")
+
+
+def test_a_broker_whose_port_is_taken_says_so_and_leaves_nothing(processes):
+    first = processes()
+    first.start_broker()
+    second = processes()
+    second.env["MSP_BROKER_CLIENT_ENDPOINT"] = first.client_endpoint
+    result = run_cli("broker", env=second.env, timeout=30)
+    assert result.returncode != 0
+    assert "cannot bind the client endpoint" in result.stderr
+    assert "MSP_BROKER_CLIENT_ENDPOINT" in result.stderr
+    assert not (second.root / "var").exists()

@@ -256,7 +256,7 @@ def test_symlink_loop(root, roots):
 
 def test_no_roots_configured(root):
     message = _refused(*_good(root), ())
-    assert "outside the allowed roots (none configured)" in message
+    assert "outside the allowed roots (none configured;" in message
 
 
 def test_sibling_with_a_common_prefix_is_outside(root, roots, tmp_path):
@@ -364,3 +364,9 @@ def test_resolve_roots_expands_and_resolves(tmp_path, monkeypatch):
     assert paths.resolve_roots(["~/r", "r", str(tmp_path / "r" / ".")]) == (
         (tmp_path / "r").resolve(),
     ) * 3
+
+
+def test_output_holding_the_data_folder_is_refused(root, roots):
+    script, data, _ = _good(root)
+    message = _refused(script, data, str(root), roots)
+    assert "holds the data folder" in message

@@ -24,7 +24,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from .. import paths
 from ..auth import Passwords
 from ..config import BrokerConfig, store_url
-from ..errors import MspError
+from ..errors import ConfigError, MspError
 from ..store import Store
 from .clients import ClientHandler
 from .workers import WorkerHandler
@@ -78,6 +78,12 @@ class Broker:
 
     def open(self) -> None:
         """Open the store and bind the sockets (in the loop's thread)."""
+        # Bind first: a broker that cannot have its endpoints should leave
+        # nothing behind.
+        for name, kind in (("client", zmq.ROUTER), ("worker", zmq.ROUTER)):
+            self._bind(name, kind, getattr(self.config, f"{name}_endpoint"))
+        if self.config.events_endpoint:
+            self._bind("events", zmq.PUB, self.config.events_endpoint)
         data_dir = Path(self.config.data_dir).expanduser()
         data_dir.mkdir(parents=True, exist_ok=True)
         url = store_url(self.config)
@@ -85,10 +91,6 @@ class Broker:
         with self.store.atomic():
             self._bootstrap_admin(data_dir)
             self.workers.recover(self.clock())
-        for name, kind in (("client", zmq.ROUTER), ("worker", zmq.ROUTER)):
-            self._bind(name, kind, getattr(self.config, f"{name}_endpoint"))
-        if self.config.events_endpoint:
-            self._bind("events", zmq.PUB, self.config.events_endpoint)
         log.info(
             "broker up: clients %s, workers %s, events %s, store %s",
             self.endpoints["client"], self.endpoints["worker"],
@@ -104,7 +106,15 @@ class Broker:
             sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size + 4096)
             sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.bind(endpoint)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(
+                f"cannot bind the {name} endpoint {endpoint}: {exc}; set "
+                f"[broker] {name}_endpoint or MSP_BROKER_{name.upper()}"
+                "_ENDPOINT"
+            ) from None
         self._sockets[name] = sock
         self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 

@@ -494,7 +494,15 @@ def _error_text(job: dict, outcome: str, body: dict) -> str | None:
     if outcome == "succeeded":
         return None
     detail = (body.get("error") or "").strip()[-1000:]
-    head = f"attempt {job['attempts']} of {job['max_attempts']} {outcome}"
+    what = {
+        "timed_out": "timed out", "error": "could not start",
+        "lost": "was given up",
+    }.get(outcome, outcome)
+    head = f"attempt {job['attempts']} of {job['max_attempts']} {what}"
     if outcome == "failed" and body.get("exit_code") is not None:
         head += f" with exit status {body['exit_code']}"
+    if outcome == "timed_out" and detail.startswith("timed out"):
+        return f"attempt {job['attempts']} of {job['max_attempts']} {detail}"
+    if outcome == "cancelled":
+        detail = ""  # the head says it all
     return f"{head}: {detail}" if detail else head
