@@ -17,6 +17,7 @@ broker and the worker only ever see well-typed fields.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +161,13 @@ BROKER_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
         "reason": (_STR, False),
     },
     ACK: {"job": (_INT, True), "token": (_STR, True)},
-    ERROR: {"code": (_STR, True), "message": (_STR, True)},
+    # "job" and "token" name the job an error is about, where one is.
+    ERROR: {
+        "code": (_STR, True),
+        "message": (_STR, True),
+        "job": (_INT, False),
+        "token": (_STR, False),
+    },
 }
 
 
@@ -212,12 +219,38 @@ def parse(frames: list[bytes], schema: dict, max_size: int) -> Message:
         raise ProtocolError(f"body is not UTF-8 JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body must be a JSON object")
+    _check_values(body, 0)
     _check_fields(command, body, fields)
     return Message(command, body)
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+# What every number in a body must be, whatever its field: the store takes
+# these without surprises. (Strings are checked field by field below.)
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+MAX_DEPTH = 32
+
+
+def _check_values(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"body is nested deeper than {MAX_DEPTH}")
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise ProtocolError("an integer does not fit in 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError("a number is too large")
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(item, depth + 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_values(item, depth + 1)
 
 
 def _check_fields(command: bytes, body: dict, fields: dict) -> None:

@@ -337,6 +337,12 @@ class Store:
         )
         return [_row(ATTEMPT_COLUMNS, values) for values in query]
 
+    def attempt_exists(self, job_id: int, token: str) -> bool:
+        """Whether ``token`` is the token of an attempt of ``job_id``."""
+        return self.m.Attempt.select().where(
+            (self.m.Attempt.token == token) & (self.m.Attempt.job == job_id)
+        ).exists()
+
     def jobs(self, user_id=None, state=None, since=None, limit=100):
         query = self.m.Job.select().order_by(self.m.Job.id.desc()).limit(limit)
         if user_id is not None:

@@ -126,7 +126,12 @@ class Worker:
                 pass
         finally:
             if self._sock is not None:
-                self._sock.close(linger=0)
+                # A BYE just sent must reach the broker, or it would keep
+                # this worker on its books and assign it a job meanwhile;
+                # the wait for it is bounded.
+                linger = self.config.heartbeat_interval if self._said_bye \
+                    else 0
+                self._sock.close(linger=int(linger * 1000))
             os.close(self._wake_r)
             os.close(self._wake_w)
             log.info("worker %s stopped after %d job(s)", self.name,
@@ -184,6 +189,11 @@ class Worker:
         if self._result is not None:
             self._send(protocol.RESULT, self._result)
             self._result_sent = now
+        # A new socket is a new worker to the broker: say again that we
+        # are leaving before it can give us anything.
+        self._said_bye = False
+        if self._stopping:
+            self._send_bye()
 
     def _disconnect(self, now: float) -> None:
         self._poller.unregister(self._sock)
@@ -226,14 +236,17 @@ class Worker:
             )
             log.info("worker %s leaving%s", self.name,
                      "" if self._running is None else "; draining its job")
-        if not self._said_bye:
-            self._send(protocol.BYE)
-            self._said_bye = True
+        self._send_bye()
         if self._running is not None and now >= self._drain_deadline:
             self._running.stop("lost")
         busy = self._assignment is not None or self._result is not None
         # Without a broker there is nobody to hand a result to.
         return not busy or (self._sock is None and self._running is None)
+
+    def _send_bye(self) -> None:
+        if not self._said_bye and self._sock is not None:
+            self._send(protocol.BYE)
+            self._said_bye = True
 
     # From the broker.
 
@@ -264,7 +277,9 @@ class Worker:
             self._assign(body, now)
         elif msg.command == protocol.CANCEL:
             a = self._assignment
-            if a is not None and a.job == body["job"]:
+            if a is not None and (a.job, a.token) == (
+                body["job"], body["token"]
+            ):
                 log.info("worker %s: job %d %s", self.name, a.job,
                          body.get("reason", "cancelled"))
                 if self._running is not None:
@@ -294,16 +309,26 @@ class Worker:
             else:
                 log.error("worker %s: broker says %s: %s", self.name,
                           body["code"], body["message"])
+                r = self._result
+                if r is not None and (r["job"], r["token"]) == (
+                    body.get("job"), body.get("token")
+                ):
+                    # The broker will never take this result: stop sending.
+                    self._result = None
 
     def _assign(self, body: dict, now: float) -> None:
         if self._assignment is not None or self._stopping:
-            # It crossed our BYE (or the broker lost track): give it back
-            # at once, so that it is re-queued without spending an attempt.
-            log.warning("worker %s: gave back job %d, busy or leaving",
-                        self.name, body["job"])
+            # It crossed our BYE (or, were the broker wrong about us, our
+            # job): give it back at once, so that it is re-queued without
+            # spending an attempt, rather than waited for in vain.
+            why = "leaving" if self._stopping else "busy"
+            log.warning("worker %s: gave back job %d: %s", self.name,
+                        body["job"], why)
+            if self._stopping:
+                self._send_bye()
             self._send(protocol.RESULT, {
-                "job": body["job"], "token": body["token"], "outcome": "lost",
-                "error": "the worker was leaving", "output": False,
+                "job": body["job"], "token": body["token"],
+                "outcome": "lost", "error": f"worker {self.name} was {why}",
             })
             return
         a = Assignment(

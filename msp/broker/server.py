@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
@@ -73,6 +74,7 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
+        self.pending: queue.SimpleQueue = queue.SimpleQueue()
 
     # Life cycle.
 
@@ -84,6 +86,18 @@ class Broker:
             self._bind(name, kind, getattr(self.config, f"{name}_endpoint"))
         if self.config.events_endpoint:
             self._bind("events", zmq.PUB, self.config.events_endpoint)
+        self.open_store()
+        log.info(
+            "broker up: clients %s, workers %s, events %s, store %s",
+            self.endpoints["client"], self.endpoints["worker"],
+            self.endpoints.get("events", "off"),
+            _safe_url(self.store.url),
+        )
+
+    def open_store(self) -> None:
+        """Open the store, create the first admin, recover what a previous
+        broker left running. Without sockets, this is all a test needs to
+        drive :meth:`handle` and :meth:`step` itself."""
         data_dir = Path(self.config.data_dir).expanduser()
         data_dir.mkdir(parents=True, exist_ok=True)
         url = store_url(self.config)
@@ -91,11 +105,6 @@ class Broker:
         with self.store.atomic():
             self._bootstrap_admin(data_dir)
             self.workers.recover(self.clock())
-        log.info(
-            "broker up: clients %s, workers %s, events %s, store %s",
-            self.endpoints["client"], self.endpoints["worker"],
-            self.endpoints.get("events", "off"), _safe_url(url),
-        )
 
     def _bind(self, name: str, kind: int, endpoint: str) -> None:
         sock = self.context.socket(kind)
@@ -306,8 +315,14 @@ class Broker:
         self._ended.add(job_id)
 
     def later(self, work: Callable[[], None]) -> None:
-        """Run ``work`` in a turn of its own (from any thread)."""
-        self._loop.add_callback(self.transact, work)
+        """Run ``work`` in a turn of its own (from any thread).
+
+        Without a loop (a test driving the core) the work waits in
+        ``pending`` until the test runs it."""
+        if self._loop is None:
+            self.pending.put(work)
+        else:
+            self._loop.add_callback(self.transact, work)
 
 
 def _safe_url(url: str) -> str:

@@ -161,8 +161,11 @@ class WorkerHandler:
                 self.config.heartbeat_interval
             )
 
-    def _error(self, identity: bytes, code: str, message: str) -> None:
-        self._send(identity, protocol.ERROR, protocol.error_body(code, message))
+    def _error(self, identity: bytes, code: str, message: str,
+               **about) -> None:
+        body = protocol.error_body(code, message)
+        body.update(about)
+        self._send(identity, protocol.ERROR, body)
 
     def _ready(self, identity, peer, body, now, wall) -> None:
         secret = self.config.worker_secret
@@ -271,9 +274,18 @@ class WorkerHandler:
                         f"RESULT: unknown outcome {outcome[:32]!r}")
             return
         if peer.job != job_id or peer.token != token:
-            # Not the job this worker holds: a repeat of a result already
-            # recorded, or a report from an attempt long replaced.
-            self._send(identity, protocol.ACK, ack)
+            # Not the job this worker holds. A repeat of a result already
+            # recorded, or a report from an attempt long replaced, is
+            # acknowledged so that the worker stops sending it; a token no
+            # attempt of that job ever had is refused.
+            if self.broker.store.attempt_exists(job_id, token):
+                self._send(identity, protocol.ACK, ack)
+            else:
+                log.warning("worker %s: RESULT for job %d under a token it "
+                            "was never given", peer.name, job_id)
+                self._error(identity, "stale",
+                            f"job {job_id} was never assigned with that "
+                            "token", job=job_id, token=token)
             return
         if not peer.stale:
             with self.broker.store.atomic():
@@ -311,9 +323,12 @@ class WorkerHandler:
         """Promote the attempt that ends the job; ``body`` None writes the
         status alone."""
         output = Path(job["output_dir"])
-        scratch = None if body is None else outputs.scratch_dir(
-            output, job["attempts"], body["token"]
-        )
+        scratch = None
+        if body is not None and outcome != "lost":
+            # A lost attempt's process may still be writing its files:
+            # they stay under .msp/, and the status says how the job ended.
+            scratch = outputs.scratch_dir(output, job["attempts"],
+                                          body["token"])
         status = {
             "job": job["id"], "state": state, "attempt": job["attempts"],
             "outcome": outcome,
