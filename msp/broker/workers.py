@@ -195,8 +195,8 @@ class WorkerHandler:
             pid=body.get("pid"), joined=wall, expires=now + self.period,
             next_heartbeat=now, last_seen=wall,
         )
-        self.peers[identity] = peer
         self.broker.store.worker_seen(peer.name, peer.host, wall, "idle")
+        self.peers[identity] = peer
         job, token = body.get("job"), body.get("token")
         if job is not None:
             self._reattach(peer, job, token or "", now)
