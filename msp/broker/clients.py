@@ -92,7 +92,13 @@ class ClientHandler:
                 frames[2:], protocol.CLIENT_COMMANDS,
                 self.config.max_message_size,
             )
-            command = self._commands[msg.command]
+            command = self._commands.get(msg.command)
+            if command is None:
+                # In the protocol, but not served by this broker.
+                raise ProtocolError(
+                    f"{msg.command.decode()} is not served by this broker",
+                    "unknown_command",
+                )
             caller = None
             if msg.command not in (b"PING", b"LOGIN"):
                 caller = self._authenticate(msg.body["token"], wall)
