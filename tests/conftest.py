@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -262,6 +263,8 @@ class Processes:
         procs = [*self.workers.values(), self.broker]
         for proc in procs:
             if proc is not None and proc.poll() is None:
+                # A test may have left one stopped (SIGSTOP).
+                proc.send_signal(signal.SIGCONT)
                 proc.terminate()
         for proc in procs:
             if proc is None:

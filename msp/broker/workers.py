@@ -93,6 +93,7 @@ class WorkerHandler:
         # Jobs found running at start-up whose worker has not come back yet:
         # job id -> (token, deadline).
         self.orphans: dict[int, tuple[str, float]] = {}
+        self._last_tick: float | None = None
         self._handlers = {
             protocol.READY: self._ready,
             protocol.HEARTBEAT: self._heartbeat,
@@ -370,6 +371,19 @@ class WorkerHandler:
     # Time.
 
     def tick(self, now: float, wall: float) -> None:
+        last, self._last_tick = self._last_tick, now
+        if last is not None and now - last > self.config.heartbeat_interval:
+            # The broker itself was not running (stopped, swapped out, a
+            # long commit): what the workers said meanwhile is still
+            # unread, so their silence proves nothing yet. Give each a
+            # fresh period to be heard before judging it.
+            log.warning("broker stalled for %.1f s; workers get a fresh "
+                        "%.1f s to be heard", now - last, self.period)
+            for peer in self.peers.values():
+                peer.expires = max(peer.expires, now + self.period)
+            for job_id, (token, deadline) in self.orphans.items():
+                self.orphans[job_id] = (token, max(deadline,
+                                                   now + self.period))
         for peer in list(self.peers.values()):
             if peer.expires <= now:
                 log.warning(
