@@ -139,10 +139,16 @@ class Client:
     def submit(self, script: str, data: str, output: str,
                args: list[str] | tuple = (), *, priority: int = 0,
                attempts: int | None = None, timeout: float | None = None,
-               name: str | None = None) -> int:
-        """Queue a job; return its id. Paths are made absolute here."""
+               name: str | None = None,
+               request_id: str | None = None) -> int:
+        """Queue a job; return its id. Paths are made absolute here.
+
+        A caller that tries again after :class:`BrokerUnavailable` passes
+        the same ``request_id`` (1 to 64 characters) each time, so that
+        however many of its tries reached the broker, one job is made.
+        """
         body: dict[str, Any] = {
-            "request_id": uuid.uuid4().hex,
+            "request_id": request_id or uuid.uuid4().hex,
             "script": os.path.abspath(script),
             "data": os.path.abspath(data),
             "output": os.path.abspath(output),
