@@ -112,7 +112,7 @@ class Worker:
         Safe to call from any thread or a signal handler."""
         self._stopping = True
         self._drain_now = not drain
-        os.write(self._wake_w, b"s")
+        self._wake(b"s")
         if self._thread is not None and \
                 threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -132,8 +132,12 @@ class Worker:
                 linger = self.config.heartbeat_interval if self._said_bye \
                     else 0
                 self._sock.close(linger=int(linger * 1000))
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            # Forget the pipe before closing it: a stop() or a job ending
+            # after this must not write to a descriptor reused elsewhere.
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_w = None
+            os.close(wake_r)
+            os.close(wake_w)
             log.info("worker %s stopped after %d job(s)", self.name,
                      self.jobs_done)
 
@@ -352,8 +356,15 @@ class Worker:
     def _job_done(self, a: Assignment, outcome: Outcome) -> None:
         """From the executor's thread: hand the outcome to the loop."""
         self._finished.put((a, outcome))
+        self._wake(b"d")
+
+    def _wake(self, why: bytes) -> None:
+        """Wake the loop from another thread or a signal handler."""
+        fd = self._wake_w
+        if fd is None:  # the loop has ended
+            return
         try:
-            os.write(self._wake_w, b"d")
+            os.write(fd, why)
         except OSError:
             pass
 

@@ -432,3 +432,37 @@ def test_wrong_worker_secret_is_refused(make_cluster, zmq_context):
 
     assert command == protocol.ERROR and reply["code"] == "unauthenticated"
     assert admin.workers() == []
+
+
+def test_same_name_claiming_a_job_under_another_token(make_cluster,
+                                                      zmq_context):
+    """A second socket with a worker's name claims that worker's job under
+    a token the job does not have: the claim is refused (told to stop) and
+    the job, whose holder is now gone, is lost and queued again rather
+    than left running with nobody on it."""
+    cluster = make_cluster(workers=0)
+    c = cluster.admin()
+    job = c.submit(cluster.script("ok.py", ""), cluster.data,
+                   cluster.output())
+    first = zmq_context.socket(zmq.DEALER)
+    first.linger = 0
+    first.connect(cluster.worker_endpoint)
+    first.send_multipart(protocol.encode(protocol.READY, {"name": "twin"}))
+    while reply_of(recv(first))[0] != protocol.ASSIGN:
+        pass
+    second = zmq_context.socket(zmq.DEALER)
+    second.linger = 0
+    second.connect(cluster.worker_endpoint)
+
+    second.send_multipart(protocol.encode(protocol.READY, {
+        "name": "twin", "job": job, "token": "not-the-token"}))
+    while True:
+        command, body = reply_of(recv(second))
+        if command != protocol.HEARTBEAT:
+            break
+
+    assert command == protocol.CANCEL
+    assert body == {"job": job, "token": "not-the-token", "reason": "stale"}
+    status = c.status(job)
+    assert status["job"]["state"] == "queued"
+    assert [a["outcome"] for a in status["attempts"]] == ["lost"]

@@ -1,0 +1,148 @@
+"""A real worker against a raw ROUTER playing the broker: what the worker
+does with a CANCEL for another attempt, an ASSIGN while it leaves, and an
+ERROR refusing its result."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import zmq
+
+from msp import protocol
+from msp.config import WorkerConfig
+from msp.worker import Worker
+
+from ..conftest import wait_for
+
+WAIT_FOR_GO = """\
+import os, pathlib, time
+data = pathlib.Path(os.environ["MSP_DATA_DIR"])
+deadline = time.monotonic() + 30
+while not (data / "go").exists() and time.monotonic() < deadline:
+    time.sleep(0.02)
+"""
+
+
+class FakeBroker:
+    def __init__(self, context, tmp_path):
+        self.sock = context.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.identity = None
+        self.tmp = tmp_path
+
+    def recv(self, skip=(protocol.HEARTBEAT,), timeout=10.0):
+        """The next message that is not a heartbeat (answered, so the
+        worker never takes us for dead): (command, body)."""
+        while True:
+            assert self.sock.poll(timeout * 1000), "the worker said nothing"
+            identity, _, command, body = self.sock.recv_multipart()
+            self.identity = identity
+            if command == protocol.HEARTBEAT:
+                self.send(protocol.HEARTBEAT)
+            if command not in skip:
+                return command, json.loads(body)
+
+    def send(self, command, body=None):
+        self.sock.send_multipart([self.identity,
+                                  *protocol.encode(command, body)])
+
+    def assign(self, job, token, script):
+        data = self.tmp / f"data{job}"
+        data.mkdir(exist_ok=True)
+        self.send(protocol.ASSIGN, {
+            "job": job, "token": token, "attempt": 1, "script": str(script),
+            "args": [], "data": str(data),
+            "output": str(self.tmp / f"out{job}"), "timeout": None,
+        })
+        return data
+
+
+@pytest.fixture
+def fake(zmq_context, tmp_path):
+    broker = FakeBroker(zmq_context, tmp_path)
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_FOR_GO)
+    broker.script = script
+    cfg = WorkerConfig(broker=broker.endpoint, name="w", heartbeat_interval=0.1,
+                       liveness=3, reconnect_min=0.1, reconnect_max=0.2,
+                       kill_grace=1.0, drain_timeout=30.0)
+    worker = Worker(cfg, context=zmq_context)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    command, body = broker.recv()
+    assert command == protocol.READY and body["name"] == "w"
+    broker.send(protocol.HEARTBEAT)
+    broker.worker, broker.thread = worker, thread
+    yield broker
+    worker.stop(drain=False)
+    thread.join(10)
+    broker.sock.close(linger=0)
+
+
+def test_cancel_for_another_attempt_of_the_job_is_ignored(fake):
+    data = fake.assign(7, "current", fake.script)
+    assert fake.recv() == (protocol.STARTED, {"job": 7, "token": "current"})
+
+    fake.send(protocol.CANCEL, {"job": 7, "token": "older",
+                                "reason": "stale"})
+    # Still running: the job ends when told to go, as a success.
+    (data / "go").write_text("")
+    command, body = fake.recv()
+    assert command == protocol.RESULT
+    assert (body["job"], body["token"], body["outcome"]) == (
+        7, "current", "succeeded")
+
+
+def test_cancel_with_the_attempts_token_stops_it(fake):
+    fake.assign(8, "current", fake.script)
+    fake.recv()  # STARTED
+
+    fake.send(protocol.CANCEL, {"job": 8, "token": "current",
+                                "reason": "cancelled"})
+
+    command, body = fake.recv()
+    assert command == protocol.RESULT
+    assert (body["job"], body["outcome"]) == (8, "cancelled")
+
+
+def test_assignment_crossing_the_workers_goodbye_is_handed_back(fake):
+    data = fake.assign(1, "t1", fake.script)
+    fake.recv()  # STARTED
+    fake.worker.stop(drain=True, timeout=0)
+    assert fake.recv() == (protocol.BYE, {})
+
+    fake.assign(2, "t2", fake.script)
+
+    command, body = fake.recv()
+    assert command == protocol.RESULT
+    assert (body["job"], body["token"], body["outcome"]) == (2, "t2", "lost")
+    assert "leaving" in body["error"]
+    # The job it holds still ends, then the worker leaves.
+    (data / "go").write_text("")
+    command, body = fake.recv()
+    assert (command, body["job"], body["outcome"]) == (
+        protocol.RESULT, 1, "succeeded")
+    fake.send(protocol.ACK, {"job": 1, "token": "t1"})
+    fake.thread.join(10)
+    assert not fake.thread.is_alive()
+
+
+def test_result_the_broker_refuses_is_not_sent_again(fake):
+    data = fake.assign(3, "t3", fake.script)
+    fake.recv()  # STARTED
+    (data / "go").write_text("")
+    command, body = fake.recv()
+    assert (command, body["job"]) == (protocol.RESULT, 3)
+
+    fake.send(protocol.ERROR, {"code": "stale", "message": "never assigned",
+                               "job": 3, "token": "t3"})
+
+    # Unacknowledged results are sent again every two intervals; this one
+    # is not: the next twelve messages (over a second) are all heartbeats.
+    seen = [fake.recv(skip=())[0] for _ in range(12)]
+    assert set(seen) == {protocol.HEARTBEAT}
+    wait_for(lambda: fake.worker._result is None)

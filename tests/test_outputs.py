@@ -1,0 +1,64 @@
+"""How an attempt's files reach the output folder."""
+
+from __future__ import annotations
+
+import json
+
+from msp import outputs
+
+
+def scratch_with(tmp_path, number, files):
+    scratch = outputs.scratch_dir(tmp_path / "out", number, f"token{number}")
+    scratch.mkdir(parents=True)
+    for name, text in files.items():
+        (scratch / name).write_text(text)
+    return scratch
+
+
+def status(number, state="succeeded"):
+    return {"job": 1, "state": state, "attempt": number, "outcome": state}
+
+
+def test_a_later_attempt_replaces_an_earlier_promotion_whole(tmp_path):
+    """The broker promoted attempt 1 and died before recording it; attempt
+    2 ends the job after all. Only attempt 2's files remain."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's own file")
+    one = scratch_with(tmp_path, 1, {"a.txt": "1", "b.txt": "1",
+                                     "stdout.log": "one"})
+    outputs.promote(out, one, status(1))
+    two = scratch_with(tmp_path, 2, {"b.txt": "2", "stdout.log": "two"})
+
+    outputs.promote(out, two, status(2))
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "b.txt", "mine.txt", "msp-status.json", "stdout.log"]
+    assert (out / "b.txt").read_text() == "2"
+    recorded = json.loads((out / "msp-status.json").read_text())
+    assert recorded["attempt"] == 2
+    assert recorded["files"] == ["b.txt", "stdout.log"]
+
+
+def test_promoting_the_same_attempt_again_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    two = scratch_with(tmp_path, 2, {"r.txt": "2", "stdout.log": "two"})
+    outputs.promote(out, two, status(2))
+    before = sorted(p.name for p in out.iterdir())
+
+    outputs.promote(out, two, status(2))
+
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "msp-status.json").read_text())["files"] == [
+        "r.txt", "stdout.log"]
+
+
+def test_a_status_alone_leaves_the_attempts_files_aside(tmp_path):
+    out = tmp_path / "out"
+    scratch = scratch_with(tmp_path, 1, {"partial.txt": "half"})
+
+    outputs.promote(out, None, dict(status(1, "failed"), error="lost"))
+
+    assert (scratch / "partial.txt").read_text() == "half"
+    assert not (out / "partial.txt").exists()
+    assert (out / "FAILED").read_text() == "lost\n"
