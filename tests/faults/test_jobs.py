@@ -61,6 +61,19 @@ def folders(p, name, script_text, script_name="job.py"):
     return script, base / "data", base / "out"
 
 
+def attempt_rows(p, job) -> list[tuple[str, str, str]]:
+    """(number, worker, outcome) of each row of the attempts table that
+    `mspctl status` prints."""
+    shown = p.ctl("status", str(job))
+    assert shown.returncode == 0, shown.stderr
+    rows = []
+    for line in shown.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 8 and cells[0].isdigit():
+            rows.append((cells[0], cells[1], cells[4]))
+    return rows
+
+
 def test_cancel_stops_the_whole_process_tree(steady):
     c = steady.admin
     script, data, out = folders(steady, "tree", TREE)
@@ -119,6 +132,8 @@ def test_timeout_ends_an_attempt_and_counts_as_failed(steady):
     assert "timed out" in (out / "FAILED").read_text()
     status = json.loads((out / "msp-status.json").read_text())
     assert (status["outcome"], status["attempt"]) == ("timed_out", 2)
+    assert [row[2] for row in attempt_rows(steady, job)] == [
+        "timed_out", "timed_out"]
 
 
 def test_script_that_cannot_start_fails_at_once(steady):
@@ -131,9 +146,8 @@ def test_script_that_cannot_start_fails_at_once(steady):
     assert view["failures"] == 1 and view["max_attempts"] == 3
     assert "SyntaxError" in view["error"] and "line 1" in view["error"]
     assert "SyntaxError" in (out / "FAILED").read_text()
-    shown = steady.ctl("status", str(job))
-    assert shown.returncode == 0, shown.stderr
-    assert "error" in shown.stdout and "SyntaxError" in shown.stdout
+    assert attempt_rows(steady, job) == [("1", attempts[0]["worker"],
+                                          "error")]
 
 
 def test_unicode_names_work_end_to_end(steady):

@@ -1,10 +1,11 @@
-"""A real worker against a raw ROUTER playing the broker: what the worker
-does with a CANCEL for another attempt, an ASSIGN while it leaves, and an
-ERROR refusing its result."""
+"""What a real worker does with a CANCEL for another attempt, an ASSIGN
+while it leaves, an ERROR refusing its result (against a raw ROUTER
+playing the broker), and how it says goodbye (against a real broker)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import pytest
@@ -146,3 +147,22 @@ def test_result_the_broker_refuses_is_not_sent_again(fake):
     seen = [fake.recv(skip=())[0] for _ in range(12)]
     assert set(seen) == {protocol.HEARTBEAT}
     wait_for(lambda: fake.worker._result is None)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_idle_worker_says_goodbye_before_it_goes(make_cluster, caplog,
+                                                 transport):
+    """An idle worker told to stop leaves at once; its BYE must still
+    reach the broker, or the broker would count it idle (and give it a job
+    to lose) until its liveness ran out."""
+    caplog.set_level(logging.INFO, logger="msp.broker.workers")
+    cluster = make_cluster(transport, workers=1)
+    admin = cluster.admin()
+    worker = cluster.workers[0]
+
+    worker.stop(drain=True, timeout=10)
+
+    wait_for(lambda: admin.workers() == [], message="the worker to go")
+    said = [r.getMessage() for r in caplog.records]
+    assert "worker w1 left" in said
+    assert not [m for m in said if "expired" in m]
