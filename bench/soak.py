@@ -130,7 +130,8 @@ class Cluster:
                     return
                 except MspError:
                     if time.monotonic() > deadline:
-                        raise SystemExit("the broker never answered")
+                        raise SystemExit("the broker never answered") \
+                            from None
 
     def kill_broker(self) -> None:
         with self._lock:

@@ -44,22 +44,7 @@ def _check(script: str, data: str, output: str, roots: tuple[Path, ...]):
     script_path = _resolve("script", script, roots)
     data_path = _resolve("data folder", data, roots)
     output_path = _resolve("output folder", output, roots)
-    try:
-        _check_kinds(script, data, output, script_path, data_path,
-                     output_path)
-    except OSError as exc:
-        # A name the file system refuses (a component over 255 bytes...).
-        raise PathError(f"cannot check the job's paths: {exc.strerror} "
-                        f"({_shown(exc.filename or '')})") from None
-    return JobPaths(script_path, data_path, output_path)
 
-
-def _shown(raw) -> str:
-    raw = str(raw)
-    return raw if len(raw) <= 200 else raw[:200] + "..."
-
-
-def _check_kinds(script, data, output, script_path, data_path, output_path):
     if not script_path.is_file():
         raise PathError(f"script {script}: not an existing file")
     if not os.access(script_path, os.R_OK):
@@ -77,10 +62,11 @@ def _check_kinds(script, data, output, script_path, data_path, output_path):
             f"output folder {output}: holds the data folder {data}"
         )
     _check_creatable(output, output_path)
+    return JobPaths(script_path, data_path, output_path)
 
 
 def _resolve(what: str, raw: str, roots: tuple[Path, ...]) -> Path:
-    shown = _shown(raw)
+    shown = raw if len(raw) <= 200 else raw[:200] + "..."
     try:
         encoded = raw.encode("utf-8")
     except UnicodeEncodeError:

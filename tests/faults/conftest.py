@@ -98,7 +98,7 @@ def settled(c, job, state: str, outcomes: list[str], timeout=60):
         range(1, len(outcomes) + 1))
     assert view["attempts"] == len(outcomes)
     assert all(a["ended_at"] is not None for a in attempts)
-    for earlier, later in zip(attempts, attempts[1:]):
+    for earlier, later in zip(attempts, attempts[1:], strict=False):
         # Never two attempts at once: each ended before the next began.
         assert earlier["ended_at"] <= later["started_at"]
     wins = [a for a in attempts if a["outcome"] == "succeeded"]

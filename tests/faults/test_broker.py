@@ -79,7 +79,7 @@ def test_broker_restarted_twice_while_a_job_runs(processes):
         p.start_broker()
         c.close()
         c = p.client()
-        wait_for(lambda: holder(c, job) == "w1", timeout=30,
+        wait_for(lambda c=c: holder(c, job) == "w1", timeout=30,
                  message="w1 to come back with its job")
     go(data, "r")
 

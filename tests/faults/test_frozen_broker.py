@@ -24,7 +24,7 @@ def test_frozen_broker_keeps_the_jobs_of_workers_still_there(processes):
 
     p.broker.send_signal(signal.SIGSTOP)
     # The workers give up on the silent broker and knock again.
-    wait_for(lambda: all("broker silent" in p.log(w) for w in ("w1", "w2")),
+    wait_for(lambda: all("silent; reconnecting" in p.log(w) for w in ("w1", "w2")),
              timeout=30, message="both workers to notice the silence")
     p.broker.send_signal(signal.SIGCONT)
     wait_for(lambda: holder(c, job) == runner and len(c.workers()) == 2,

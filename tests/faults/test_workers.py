@@ -11,7 +11,14 @@ from msp import protocol
 
 from ..conftest import wait_for
 from .conftest import (
-    gated_job, go, gone, holder, promoted, settled, signal_worker, start,
+    gated_job,
+    go,
+    gone,
+    holder,
+    promoted,
+    settled,
+    signal_worker,
+    start,
     started,
 )
 
