@@ -11,6 +11,8 @@ msp alone.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -174,6 +176,7 @@ class SubprocessExecutor:
                     [self.python, a.script, *a.args], cwd=scratch, env=env,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                     start_new_session=True, close_fds=True,
+                    preexec_fn=functools.partial(_die_with, os.getpid()),
                 )
             except OSError as exc:
                 done(Outcome("error", None,
@@ -204,6 +207,30 @@ class NoopExecutor:
     def start(self, a: Assignment, done: Callable[[Outcome], None]):
         done(Outcome("succeeded", 0, None, {"wall": 0.0}, output=False))
         return None
+
+
+# prctl(2), looked up here so that the child only has to call it.
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: no such safeguard
+    _prctl = None
+
+
+def _die_with(worker_pid: int) -> None:
+    """In the script's process, before exec: be killed when the worker's
+    thread that started it ends, as when the worker is killed -9. Nobody
+    would watch its timeout or stop it any more, and the job runs again
+    elsewhere.
+
+    XXX: only the script itself gets this; the processes it starts outlive
+    a dead worker (its group is killed only while the worker lives), and
+    run on unwatched until they end.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker_pid:
+        os._exit(1)  # the worker died before the safeguard took hold
 
 
 def _kill_group(pgid: int, sig: int) -> None:

@@ -29,12 +29,17 @@ def test_worker_killed_mid_job_is_rerun_on_another(processes, strays):
     p = start(processes, workers=("w1", "w2"))
     c = p.client()
     job, data, out = gated_job(p, c, "k")
-    strays.append(started(data, "k", 1))
+    script = started(data, "k", 1)
+    strays.append(script)
     victim = holder(c, job)
     survivor = ({"w1", "w2"} - {victim}).pop()
 
     p.workers[victim].kill()  # SIGKILL: no goodbye, no result
     p.workers[victim].wait(10)
+    # Its script goes with it, rather than run on unwatched beside the
+    # attempt that replaces it.
+    wait_for(lambda: gone(script), timeout=10,
+             message="the dead worker's script to end")
 
     _, attempts = settled(c, job, "succeeded", ["lost", "succeeded"])
     assert [a["worker"] for a in attempts] == [victim, survivor]
