@@ -24,11 +24,17 @@ import typer
 import zmq
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import config as msp_config
 from .client import FINAL_STATES, Client
 from .errors import (
     AuthError, BrokerUnavailable, ConfigError, ForbiddenError, MspError,
+)
+from .monitor.model import view_of
+from .monitor.view import (
+    STATE_STYLES, duration, job_duration, progress_bar, render, state_text,
+    workers_table,
 )
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_AUTH, EXIT_JOB = 1, 2, 3, 4, 5
@@ -41,11 +47,6 @@ class JobState(str, Enum):
     failed = "failed"
     cancelled = "cancelled"
 
-
-STATE_STYLES = {
-    "queued": "yellow", "running": "cyan", "succeeded": "green",
-    "failed": "red", "cancelled": "magenta",
-}
 
 app = typer.Typer(
     help="msp: run Python script jobs on workers through a ZeroMQ broker.",
@@ -112,11 +113,13 @@ def _exit_code(exc: MspError) -> int:
 
 
 def main() -> None:
-    """The console entry point: MspError becomes one red line.
-
-    typer itself handles usage errors (exit 2) and ``typer.Exit``."""
+    """The console entry point: an error becomes one red line."""
     try:
-        app()
+        # Outside standalone mode click leaves usage errors to us (one
+        # line, not a box) and returns a typer.Exit's status.
+        status = app(prog_name="mspctl", standalone_mode=False)
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except MspError as exc:
         err.print(f"[red]error:[/red] {exc.message}", highlight=False,
                   soft_wrap=True)
@@ -124,6 +127,21 @@ def main() -> None:
     except zmq.ZMQError as exc:
         err.print(f"[red]error:[/red] {exc}; an endpoint looks like "
                   "tcp://127.0.0.1:5555 or ipc:///path/to/socket",
+                  highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USAGE)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("[red]aborted[/red]")
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:
+        # Usage errors of click (or of the click typer carries inside).
+        if not hasattr(exc, "format_message") or \
+                not hasattr(exc, "exit_code"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx else ""
+        err.print(f"[red]error:[/red] {exc.format_message()}{hint}",
                   highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)
 
@@ -166,26 +184,8 @@ def when(t: Optional[float]) -> str:
     return datetime.fromtimestamp(t).strftime("%m-%d %H:%M:%S")
 
 
-def duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
 def styled(state_name: str) -> str:
     return f"[{STATE_STYLES.get(state_name, 'white')}]{state_name}[/]"
-
-
-def job_duration(job: dict) -> Optional[float]:
-    if job.get("started_at") is None:
-        return None
-    return (job.get("finished_at") or time.time()) - job["started_at"]
 
 
 @app.command()
@@ -277,13 +277,19 @@ def _wait_live(c: Client, job: int, quiet: bool = False) -> dict:
             view = c.wait(job, timeout=1.0)
             if view["state"] in FINAL_STATES:
                 return view
-            progress = view.get("progress")
-            bar = "" if progress is None else f" {progress:4.0%}"
-            status.update(
-                f"job {job}: {view['state']} (attempt {view['attempts']} of "
-                f"{view['max_attempts']}){bar}, "
-                f"{duration(time.monotonic() - start)}"
-            )
+            status.update(_wait_line(view, time.monotonic() - start))
+
+
+def _wait_line(view: dict, elapsed: float) -> Text:
+    """``job 7: running (attempt 1 of 3) ━━━━━───── 50% 12.0s``"""
+    line = Text(f"job {view['id']}: ")
+    line.append(state_text(view["state"]))
+    line.append(f" (attempt {view['attempts']} of {view['max_attempts']}) ")
+    if view["state"] == "running" and view.get("progress") is not None:
+        line.append(progress_bar(view["progress"]))
+        line.append(" ")
+    line.append(duration(elapsed))
+    return line
 
 
 def _print_outcome(view: dict) -> None:
@@ -346,7 +352,7 @@ def status(
         ("finished", when(view["finished_at"])),
     ]
     if view.get("progress") is not None and view["state"] == "running":
-        rows.append(("progress", f"{view['progress']:.0%}"))
+        rows.append(("progress", progress_bar(view["progress"], 20)))
     if view.get("error"):
         rows.append(("error", view["error"]))
     for key, value in rows:
@@ -404,7 +410,7 @@ def list_cmd(
             str(j["id"]), j.get("user") or "-",
             j.get("name") or Path(j["script"]).name, styled(j["state"]),
             f"{j['attempts']}/{j['max_attempts']}", when(j["submitted_at"]),
-            duration(job_duration(j)),
+            duration(job_duration(j, time.time())),
         )
     out.print(table)
 
@@ -455,32 +461,22 @@ def logs(
 @app.command()
 def workers(as_json: bool = typer.Option(False, "--json",
                                          help="Print JSON.")):
-    """List the workers the broker knows.
+    """List the workers the broker knows, coloured as they lose liveness.
 
     Example: mspctl workers
     """
     with client() as c:
-        rows = c.workers()
-    if as_json:
-        _print_json(rows)
-        return
-    table = Table()
-    for col in ("worker", "host", "state", "job", "on job", "silent",
-                "done"):
-        table.add_column(col, no_wrap=True, overflow="ellipsis")
-    for w in rows:
-        table.add_row(
-            w["name"], w["host"], w["state"],
-            "-" if w["job"] is None else str(w["job"]),
-            duration(w["job_seconds"]), f"{w['silent_seconds']:.1f}s",
-            str(w["jobs_done"]),
-        )
-    out.print(table)
+        if as_json:
+            _print_json(c.workers())
+            return
+        view = _snapshot_view(c.stats())
+    out.print(workers_table(view, out.width))
 
 
 @app.command()
 def stats(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """Print the broker's snapshot: workers, queue, jobs by state.
+    """Print the snapshot the monitor starts from: jobs by state, queue,
+    throughput, workers, recent jobs and (admins) usage today.
 
     Example: mspctl stats --json
     """
@@ -489,13 +485,52 @@ def stats(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     if as_json:
         _print_json(snap)
         return
-    counts = "  ".join(f"{styled(k)} {v}" for k, v in snap["counts"].items())
-    out.print(f"jobs: {counts}")
-    queue = snap["queue"]
-    wait = queue["oldest_wait"]
-    out.print(f"queue: {sum(queue['by_priority'].values())} waiting"
-              + ("" if wait is None else f", oldest {duration(wait)}"))
-    out.print(f"workers: {len(snap['workers'])}")
+    out.print(render(_snapshot_view(snap), out.width))
+
+
+def _snapshot_view(snap: dict) -> dict:
+    cfg = state.config()
+    return view_of(snap, cfg.client.broker, cfg.client.events)
+
+
+@app.command()
+def monitor(
+    once: bool = typer.Option(False, "--once",
+                              help="Print one snapshot and exit."),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print one snapshot as JSON and exit."),
+    events: Optional[str] = typer.Option(
+        None, "--events", "-e", help="The broker's events endpoint "
+        "(default: client.events in the config)."),
+    refresh: float = typer.Option(
+        0.5, help="Seconds between frames (0.05 to 1)."),
+):
+    """Watch workers, queue, jobs and throughput live; q or Ctrl-C quits.
+
+    Fed by the broker's event stream, with a full snapshot at start and
+    whenever events were missed. Without a terminal it prints once.
+
+    Example: mspctl monitor --events tcp://broker.example.org:5557
+    """
+    from .monitor import Feed, Model, screen
+
+    cfg = state.config(client={"events": events})
+    endpoint = cfg.client.events
+    with client() as c:
+        if as_json or once or not out.is_terminal:
+            view = view_of(c.stats(), cfg.client.broker, endpoint)
+            if as_json:
+                _print_json(view)
+            else:
+                out.print(render(view, out.width))
+            return
+        model = Model(cfg.client.broker, endpoint)
+        # Subscribe first: an event missed between the two then shows as a
+        # gap and brings a new snapshot, rather than being lost silently.
+        with Feed(c, endpoint, model,
+                  timeout=min(cfg.client.timeout, 2.0)) as feed:
+            model.load(c.stats(), feed.clock(), feed.wall())
+            screen.run(feed, out, refresh)
 
 
 # Users.

@@ -61,23 +61,29 @@ class Client:
             self._sock.close(linger=0)
             self._sock = None
 
+    def new_socket(self) -> zmq.Socket:
+        """A fresh REQ socket to the broker, set up as this client's; for a
+        caller that polls for the reply itself and reads it with
+        :meth:`decode` (the monitor)."""
+        sock = self.context.socket(zmq.REQ)
+        sock.linger = 0
+        if self.curve:
+            sock.curve_secretkey = self.curve["secret"]
+            sock.curve_publickey = self.curve["public"]
+            sock.curve_serverkey = self.curve["server"]
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(
+                f"cannot use broker endpoint {self.endpoint!r}: {exc}; "
+                "write it like tcp://127.0.0.1:5555"
+            ) from None
+        return sock
+
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            sock = self.context.socket(zmq.REQ)
-            sock.linger = 0
-            if self.curve:
-                sock.curve_secretkey = self.curve["secret"]
-                sock.curve_publickey = self.curve["public"]
-                sock.curve_serverkey = self.curve["server"]
-            try:
-                sock.connect(self.endpoint)
-            except zmq.ZMQError as exc:
-                sock.close(linger=0)
-                raise ConfigError(
-                    f"cannot use broker endpoint {self.endpoint!r}: {exc}; "
-                    "write it like tcp://127.0.0.1:5555"
-                ) from None
-            self._sock = sock
+            self._sock = self.new_socket()
         return self._sock
 
     def request(self, command: str, body: dict | None = None,
@@ -111,6 +117,8 @@ class Client:
         if frames[1] == protocol.ERR:
             raise from_wire(str(body.get("code")), str(body.get("message")))
         return body
+
+    decode = _decode
 
     def _authed(self, command: str, body: dict | None = None,
                 timeout: float | None = None) -> dict:
@@ -207,3 +215,60 @@ class Client:
 
     def stats(self) -> dict:
         return self._authed("STATS")
+
+class Events:
+    """The broker's event stream (``docs/events.md``): a SUB socket.
+
+    ::
+
+        with Events("tcp://127.0.0.1:5557") as events:
+            while (event := events.receive(timeout=5.0)) is not None:
+                topic, body = event
+                print(topic, body["event"], body["seq"])
+
+    A subscriber joins late and may fall behind (the broker drops events a
+    slow subscriber has no room for): ``seq`` tells it when it missed some.
+    """
+
+    def __init__(self, endpoint: str, topics=("",), *,
+                 context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.linger = 0
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        for topic in topics:
+            self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
+        self.socket.connect(endpoint)
+
+    def __enter__(self) -> "Events":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def receive(self, timeout: float | None = None):
+        """The next event as ``(topic, body)``, or None after ``timeout``
+        seconds (None waits forever) or on a malformed message."""
+        if not self.socket.poll(None if timeout is None else timeout * 1000):
+            return None
+        return self.decode(self.socket.recv_multipart())
+
+    @staticmethod
+    def decode(frames: list[bytes]):
+        if len(frames) != 2:
+            log.debug("dropped an event of %d frames", len(frames))
+            return None
+        try:
+            body = json.loads(frames[1])
+            topic = frames[0].decode()
+        except ValueError:
+            log.debug("dropped an event that is not UTF-8 JSON")
+            return None
+        if not isinstance(body, dict) or not isinstance(body.get("seq"), int):
+            log.debug("dropped an event without a seq")
+            return None
+        return topic, body

@@ -219,6 +219,15 @@ class Store:
             "CREATE INDEX IF NOT EXISTS msp_job_queue "
             "ON msp_job (state, priority DESC, id)"
         )
+        # The monitor's throughput and usage figures read recent ends only.
+        self.db.execute_sql(
+            "CREATE INDEX IF NOT EXISTS msp_job_finished "
+            "ON msp_job (finished_at)"
+        )
+        self.db.execute_sql(
+            "CREATE INDEX IF NOT EXISTS msp_attempt_ended "
+            "ON msp_attempt (ended_at)"
+        )
         self.sql = _Sql(self.db.param)
 
     def close(self) -> None:
@@ -482,6 +491,30 @@ class Store:
         Job = self.m.Job
         query = Job.select(Job.finished_at).where(Job.finished_at >= since)
         return [t for (t,) in query.tuples()]
+
+    def usage_by_user(self, since: float) -> list[dict]:
+        """Per user, the attempts that ended at ``since`` or later: how
+        many, of how many jobs, and their CPU and wall seconds; the
+        biggest CPU user first."""
+        A, J, U = self.m.Attempt, self.m.Job, self.m.User
+        cpu = pw.fn.SUM(pw.fn.COALESCE(A.cpu_user, 0)
+                        + pw.fn.COALESCE(A.cpu_system, 0))
+        query = (
+            A.select(
+                U.name, pw.fn.COUNT(A.job.distinct()), pw.fn.COUNT(A.id),
+                cpu, pw.fn.SUM(pw.fn.COALESCE(A.wall_seconds, 0)),
+            )
+            .join(J)
+            .join(U)
+            .where(A.ended_at >= since)
+            .group_by(U.name)
+            .order_by(cpu.desc(), U.name)
+        )
+        return [
+            {"user": name, "jobs": jobs, "attempts": attempts,
+             "cpu_seconds": float(cpu or 0), "wall_seconds": float(wall or 0)}
+            for name, jobs, attempts, cpu, wall in query.tuples()
+        ]
 
     def usage(self, since: float, until: float, user_id=None) -> list[dict]:
         """Attempts that ended in [since, until), with job and user."""

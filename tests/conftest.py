@@ -292,3 +292,23 @@ def processes(tmp_path):
     yield make
     for p in made:
         p.stop()
+
+
+# The msp this test run imports, for scripts that use it: a job's scrubbed
+# environment has no PYTHONPATH.
+MSP_ROOT = str(Path(__file__).resolve().parent.parent)
+
+# A job that reports half its progress, then runs until the file named by
+# its first argument appears in its data folder (or a minute passes).
+BLOCK = f"""\
+import os, sys, time
+sys.path.insert(0, {MSP_ROOT!r})
+import msp
+print("started", flush=True)
+msp.progress(0.5, "half way")
+go = os.path.join(os.environ["MSP_DATA_DIR"], sys.argv[1])
+deadline = time.monotonic() + 60
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.02)
+print("done", flush=True)
+"""

@@ -12,6 +12,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from .. import auth, outputs, paths, protocol
@@ -30,6 +31,9 @@ MAX_TIMEOUT = 30 * 86400.0
 MAX_LIST = 1000
 MAX_LOG_CHUNK = 256 * 1024
 SESSION_CACHE = 10_000
+# Jobs in a STATS snapshot, newest first; and minutes of throughput.
+RECENT = 20
+THROUGHPUT_MINUTES = 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +275,10 @@ class ClientHandler:
         if created:
             log.debug("job %d queued for %s", job_id, caller.name)
             self.broker.publish(
-                "job", event="queued", job=job_id, state="queued",
-                user=caller.name, script=spec["script"],
-                priority=spec["priority"],
+                "job", event="queued", job=job_id, state="queued", was=None,
+                priority=spec["priority"], user=caller.name,
+                name=spec["name"], script=spec["script"],
+                max_attempts=spec["attempts"],
             )
         return {"job": job_id, "created": created}
 
@@ -333,13 +338,19 @@ class ClientHandler:
         if job["state"] == "queued" and store.cancel_queued(job_id, wall):
             log.info("job %d cancelled while queued", job_id)
             _mark_cancelled(job, caller.name)
-            self.broker.publish("job", event="cancelled", job=job_id,
-                                state="cancelled")
+            self.broker.publish(
+                "job", event="cancelled", job=job_id, state="cancelled",
+                was="queued", priority=job["priority"],
+            )
             self.broker.job_ended(job_id)
             return {"job": job_id, "state": "cancelled"}
         store.request_cancel(job_id)
         self.broker.workers.cancel(job_id)
         log.info("job %d: cancel requested", job_id)
+        self.broker.publish(
+            "job", event="cancel_requested", job=job_id, state="running",
+            was="running",
+        )
         return {"job": job_id, "state": "running", "cancel_requested": True}
 
     def _logs(self, identity, caller, body, now, wall):
@@ -419,24 +430,37 @@ class ClientHandler:
         return {"workers": self.broker.workers.snapshot(now)}
 
     def _stats(self, identity, caller, body, now, wall):
+        """The snapshot a monitor starts from. It includes every change up
+        to event ``seq`` of this ``run`` and none after."""
         store = self.broker.store
         recent = store.jobs(
-            None if caller.admin else caller.user_id, None, None, 20
+            None if caller.admin else caller.user_id, None, None, RECENT
         )
-        finished = store.finished_since(wall - 15 * 60)
-        per_minute = [0] * 15
-        for t in finished:
-            index = min(max(int((wall - t) // 60), 0), 14)
-            per_minute[14 - index] += 1
-        return {
+        # Whole clock minutes, so that a subscriber can add the jobs that
+        # events report finished to the right one; the last is under way.
+        minute = int(wall // 60)
+        first = minute - THROUGHPUT_MINUTES + 1
+        per_minute = [0] * THROUGHPUT_MINUTES
+        for t in store.finished_since(first * 60.0):
+            per_minute[min(int(t // 60) - first, THROUGHPUT_MINUTES - 1)] += 1
+        snap = {
+            "run": self.broker.run_id,
+            "seq": self.broker.seq,
             "time": wall,
+            "user": caller.name,
+            "admin": caller.admin,
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "liveness": self.config.liveness,
+            "tick": self.broker.tick_period,
             "workers": self.broker.workers.snapshot(now),
             "counts": store.counts(),
             "queue": store.queue_depth(wall),
             "recent": [self._view(row) for row in recent],
             "finished_per_minute": per_minute,
-            "seq": self.broker._seq,
         }
+        if caller.admin:
+            snap["usage_today"] = store.usage_by_user(_midnight(wall))
+        return snap
 
     def _view(self, job: dict | None) -> dict | None:
         """A job as clients see it."""
@@ -466,6 +490,14 @@ def _mark_cancelled(job: dict, by: str) -> None:
         outputs.promote(output, None, status)
     except OSError as exc:
         log.error("job %d: could not write its status: %s", job["id"], exc)
+
+
+def _midnight(wall: float) -> float:
+    """The start of the broker's local day that holds ``wall``."""
+    day = datetime.fromtimestamp(wall).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    return day.timestamp()
 
 
 def _check_spec(body: dict, default_attempts: int) -> dict:

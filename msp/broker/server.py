@@ -5,6 +5,10 @@ sockets, handles them all inside one database transaction, commits, and only
 then sends the replies and publishes the events. A reply therefore never
 acknowledges anything that is not durable, and a busy broker pays for one
 commit per turn rather than one per message.
+
+Events (see ``docs/events.md``) leave in the order their changes were made,
+numbered by ``seq`` within the broker's ``run``; a STATS reply names the last
+``seq`` its figures include, so that a subscriber can join the two.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # Messages read from one socket in one turn, so that neither side starves.
 TURN_BUDGET = 500
+# The tick event tells subscribers the broker is alive and carries the
+# workers' liveness: twice a heartbeat interval, and at least every second.
+TICK_MAX = 1.0
 
 
 class Broker:
@@ -69,7 +76,12 @@ class Broker:
         self._outbox: list[tuple[str, list[bytes]]] = []
         self._events: list[tuple[bytes, dict]] = []
         self._ended: set[int] = set()
+        # Names this run of the broker in every event: seq starts again at
+        # 1 on a restart, and a subscriber must not take the new numbers
+        # for old ones.
+        self.run_id = secrets.token_hex(4)
         self._seq = 0
+        self._next_tick = 0.0
         self._loop: IOLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -247,6 +259,20 @@ class Broker:
         self.workers.tick(now, wall)
         self.clients.tick(now, wall)
         self.workers.dispatch(now, wall)
+        if now >= self._next_tick and "events" in self._sockets:
+            self._next_tick = now + self.tick_period
+            self.publish("broker", event="tick",
+                         workers=self.workers.snapshot(now))
+
+    @property
+    def tick_period(self) -> float:
+        """Seconds between two tick events."""
+        return min(self.config.heartbeat_interval / 2, TICK_MAX)
+
+    @property
+    def seq(self) -> int:
+        """The number of the last event published or about to be."""
+        return self._seq
 
     def handle(self, name: str, frames: list[bytes], now: float, wall: float):
         """Handle one message from a client or a worker socket."""
@@ -261,6 +287,8 @@ class Broker:
             log.exception("unexpected error handling a %s message", name)
             del self._outbox[mark[0]:]
             del self._events[mark[1]:]
+            # The dropped events were never sent: reuse their numbers, or
+            # subscribers would see a gap and fetch a snapshot for nothing.
             self._seq, self._ended = mark[2], ended
             handler.internal_error(frames)
 
@@ -306,8 +334,10 @@ class Broker:
         self._outbox.append((name, frames))
 
     def publish(self, topic: str, **body) -> None:
+        """Queue an event; it leaves after the turn's commit, in order."""
         self._seq += 1
         body["seq"] = self._seq
+        body["run"] = self.run_id
         body["at"] = self.wall()
         self._events.append((topic.encode(), body))
 

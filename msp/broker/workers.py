@@ -252,7 +252,7 @@ class WorkerHandler:
         if self._holds(peer, body):
             self.broker.publish(
                 "job", event="started", job=peer.job, state="running",
-                attempt=peer.attempt, worker=peer.name,
+                was="running", attempt=peer.attempt, worker=peer.name,
             )
 
     def _progress(self, identity, peer, body, now, wall) -> None:
@@ -263,7 +263,8 @@ class WorkerHandler:
         self.broker.store.set_progress(peer.job, peer.token, value)
         self.broker.publish(
             "job", event="progress", job=peer.job, state="running",
-            progress=value, message=body.get("message", "")[:200],
+            was="running", worker=peer.name, progress=value,
+            message=body.get("message", "")[:200],
         )
 
     def _result(self, identity, peer, body, now, wall) -> None:
@@ -354,6 +355,7 @@ class WorkerHandler:
             log.info("job %d %s", job_id, decision.state)
         self.broker.publish(
             "job", event=outcome, job=job_id, state=decision.state,
+            was=job["state"], priority=job["priority"],
             attempt=job["attempts"], worker=worker, error=error,
         )
         if decision.state != "queued":
@@ -367,6 +369,8 @@ class WorkerHandler:
             log.info("worker %s is draining (job %d)", peer.name, peer.job)
             peer.draining = True
             self.idle.pop(identity, None)
+            self.broker.publish("worker", event="draining", worker=peer.name,
+                                job=peer.job)
 
     # Time.
 
@@ -423,7 +427,8 @@ class WorkerHandler:
             log.debug("job %d attempt %d -> %s", job["id"], number, peer.name)
             self.broker.publish(
                 "job", event="assigned", job=job["id"], state="running",
-                attempt=number, worker=peer.name,
+                was="queued", priority=job["priority"], attempt=number,
+                worker=peer.name,
             )
 
     # Cancellation, asked for by a client.

@@ -1,0 +1,155 @@
+"""The broker's event stream, read with a real SUB socket."""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from msp import protocol
+from msp.client import Events
+
+from .conftest import BLOCK, wait_for
+
+OK = "print('ok')\n"
+# Fails its first attempt, succeeds on the next.
+FLAKY = "import os, sys\nsys.exit(1 if os.environ['MSP_ATTEMPT'] == '1' else 0)\n"
+
+
+class Collector:
+    """Every event received so far, in order."""
+
+    def __init__(self, events: Events):
+        self.events = events
+        self.received: list[tuple[str, dict]] = []
+
+    def drain(self) -> list[tuple[str, dict]]:
+        while (event := self.events.receive(0)) is not None:
+            self.received.append(event)
+        return self.received
+
+    def of_job(self, job: int) -> list[dict]:
+        return [b for t, b in self.drain() if t == "job" and b["job"] == job]
+
+    def ended(self, job: int, state: str) -> bool:
+        return any(b["state"] == state for b in self.of_job(job))
+
+
+def subscribe(cluster, context) -> Collector:
+    events = Events(cluster.broker.endpoints["events"], context=context)
+    collector = Collector(events)
+    # The subscription is live once the first tick gets through.
+    wait_for(lambda: collector.drain(), message="the first event")
+    return collector
+
+
+def test_every_state_change_is_published_in_order(make_cluster, zmq_context):
+    cluster = make_cluster(workers=0)
+    c = cluster.admin()
+    seen = subscribe(cluster, zmq_context)
+    ok = cluster.script("ok.py", OK)
+    data = cluster.data
+
+    # Cancelled while queued.
+    cancelled = c.submit(ok, data, cluster.output("cancelled"))
+    c.cancel(cancelled)
+
+    # Lost: a worker takes the job and falls silent; a real one ends it.
+    lost = c.submit(ok, data, cluster.output("lost"))
+    fake = zmq_context.socket(zmq.DEALER)
+    fake.linger = 0
+    fake.connect(cluster.worker_endpoint)
+    fake.send_multipart(protocol.encode(protocol.READY, {"name": "fake"}))
+    wait_for(lambda: c.status(lost)["job"]["lost"] == 1,
+             message="the silent worker's job to be lost")
+    fake.close()
+    cluster.add_worker()
+    assert c.wait(lost, timeout=30)["state"] == "succeeded"
+
+    # Failed once, then retried and succeeded.
+    flaky = c.submit(cluster.script("flaky.py", FLAKY), data,
+                     cluster.output("flaky"))
+    assert c.wait(flaky, timeout=30)["state"] == "succeeded"
+
+    # Cancelled while running, after reporting progress.
+    running = c.submit(cluster.script("block.py", BLOCK), data,
+                       cluster.output("running"), ["never"])
+    wait_for(lambda: c.status(running)["job"]["progress"] == 0.5)
+    c.cancel(running)
+    assert c.wait(running, timeout=30)["state"] == "cancelled"
+    wait_for(lambda: seen.ended(running, "cancelled"))
+
+    def steps(job):
+        return [(b["event"], b["state"], b["was"]) for b in seen.of_job(job)]
+
+    assert steps(cancelled) == [
+        ("queued", "queued", None), ("cancelled", "cancelled", "queued"),
+    ]
+    assert steps(lost) == [
+        ("queued", "queued", None), ("assigned", "running", "queued"),
+        ("lost", "queued", "running"), ("assigned", "running", "queued"),
+        ("started", "running", "running"),
+        ("succeeded", "succeeded", "running"),
+    ]
+    assert steps(flaky) == [
+        ("queued", "queued", None), ("assigned", "running", "queued"),
+        ("started", "running", "running"), ("failed", "queued", "running"),
+        ("assigned", "running", "queued"), ("started", "running", "running"),
+        ("succeeded", "succeeded", "running"),
+    ]
+    assert steps(running) == [
+        ("queued", "queued", None), ("assigned", "running", "queued"),
+        ("started", "running", "running"), ("progress", "running", "running"),
+        ("cancel_requested", "running", "running"),
+        ("cancelled", "cancelled", "running"),
+    ]
+
+    # One numbering for every topic, without a gap, in one run; times
+    # never go back.
+    bodies = [b for _, b in seen.received]
+    seqs = [b["seq"] for b in bodies]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert {b["run"] for b in bodies} == {cluster.broker.run_id}
+    ats = [b["at"] for b in bodies]
+    assert ats == sorted(ats)
+    # Each job event starts from the state the one before left.
+    for job in (cancelled, lost, flaky, running):
+        states = [None] + [b["state"] for b in seen.of_job(job)]
+        assert [b["was"] for b in seen.of_job(job)] == states[:-1]
+    # The attempts the store holds are the ones the events announced.
+    assigned = [b for b in seen.of_job(flaky) if b["event"] == "assigned"]
+    attempts = c.status(flaky)["attempts"]
+    assert [b["attempt"] for b in assigned] == [a["number"] for a in attempts]
+    assert [b["worker"] for b in assigned] == [a["worker"] for a in attempts]
+
+
+def test_workers_joining_draining_and_leaving_are_published(
+    make_cluster, zmq_context
+):
+    cluster = make_cluster(workers=0)
+    c = cluster.admin()
+    seen = subscribe(cluster, zmq_context)
+
+    worker = cluster.add_worker("drainer")
+    job = c.submit(cluster.script("block.py", BLOCK), cluster.data,
+                   cluster.output(), ["go"])
+    wait_for(lambda: c.status(job)["job"]["state"] == "running")
+    worker.stop(drain=True, timeout=0)
+    wait_for(lambda: any(b.get("event") == "draining"
+                         for _, b in seen.drain()))
+    (cluster.data / "go").write_text("")
+    assert c.wait(job, timeout=30)["state"] == "succeeded"
+    wait_for(lambda: any(b.get("event") == "left" for _, b in seen.drain()))
+    # Gone by itself: the fixture must not stop it again.
+    cluster.workers.remove(worker)
+    wait_for(lambda: "msp-worker-drainer" not in
+             {t.name for t in threading.enumerate()})
+
+    lives = [(b["event"], b.get("job")) for t, b in seen.received
+             if t == "worker"]
+    assert lives == [("joined", None), ("draining", job), ("left", None)]
+    ticks = [b for t, b in seen.received if t == "broker"]
+    assert ticks and all(b["event"] == "tick" for b in ticks)
+    busy = [b["workers"] for b in ticks if b["workers"]
+            and b["workers"][0]["job"] == job]
+    assert busy and busy[0][0]["name"] == "drainer"

@@ -1,0 +1,350 @@
+"""mspctl monitor: its model, its screen and its terminal, on real brokers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+
+import pexpect
+import zmq
+from rich.cells import cell_len
+from rich.console import Console
+
+from msp import protocol
+from msp.broker import Broker
+from msp.client import Client
+from msp.monitor import Feed, Model, render
+from msp.monitor.model import view_of
+from msp.monitor.view import liveness_style
+
+from .conftest import (
+    ADMIN_PASSWORD, BLOCK, broker_config, free_port, run_cli, wait_for,
+)
+
+OK = "print('ok')\n"
+FAIL = "import sys\nprint('no', file=sys.stderr)\nsys.exit(3)\n"
+
+
+def make_busy(cluster):
+    """With two workers: each on a job that waits; a job in every other
+    state."""
+    c = cluster.admin()
+    ok = cluster.script("ok.py", OK)
+    data = cluster.data
+    jobs = {}
+    jobs["succeeded"] = c.submit(ok, data, cluster.output("ok"))
+    assert c.wait(jobs["succeeded"], timeout=30)["state"] == "succeeded"
+    jobs["failed"] = c.submit(cluster.script("fail.py", FAIL), data,
+                              cluster.output("fail"), attempts=1)
+    assert c.wait(jobs["failed"], timeout=30)["state"] == "failed"
+    block = cluster.script("block.py", BLOCK)
+    running = [c.submit(block, data, cluster.output(f"b{i}"), [f"go{i}"])
+               for i in (1, 2)]
+    for job in running:
+        wait_for(lambda job=job: c.status(job)["job"]["progress"] == 0.5)
+    jobs["queued"] = c.submit(ok, data, cluster.output("q"), priority=5)
+    jobs["cancelled"] = c.submit(ok, data, cluster.output("c"))
+    c.cancel(jobs["cancelled"])
+    return c, jobs, running
+
+
+def screen(view: dict, width: int, height: int | None) -> str:
+    console = Console(width=width, height=height or 1000, record=True,
+                      file=io.StringIO(), force_terminal=True,
+                      color_system="truecolor", legacy_windows=False)
+    console.print(render(view, width, height))
+    return console.export_text(styles=False)
+
+
+def header_of(text: str, first: str) -> str:
+    return next(line for line in text.splitlines()
+                if line.split()[:1] == [first])
+
+
+def test_screen_fits_80x24_and_uses_200x50(make_cluster):
+    cluster = make_cluster(workers=2)
+    c, jobs, running = make_busy(cluster)
+    view = view_of(c.stats(), cluster.broker.endpoints["client"])
+
+    small, large = screen(view, 80, 24), screen(view, 200, 50)
+
+    for text, (width, height) in ((small, (80, 24)), (large, (200, 50))):
+        lines = text.splitlines()
+        assert len(lines) <= height
+        assert max(cell_len(line) for line in lines) <= width
+        assert ("queued 1  running 2  succeeded 1  failed 1  cancelled 1"
+                in text)
+        assert "queue 1 waiting (p5 1)" in text
+        for name in ("w1", "w2"):
+            [row] = [line for line in lines if line.startswith(name + " ")]
+            assert " busy " in row and "50%" in row
+        for state, job in jobs.items():
+            assert any(line.split()[:2] == [str(job), state]
+                       for line in lines), (state, job)
+        for job in running:
+            assert any(line.split()[:2] == [str(job), "running"]
+                       and "50%" in line for line in lines)
+    # At 80 columns the least useful columns go; 200 has room for them.
+    assert "pid" not in header_of(small, "worker").split()
+    assert "worker" not in header_of(small, "job").split()
+    assert "pid" in header_of(large, "worker").split()
+    assert "worker" in header_of(large, "job").split()
+    assert "exit status 3" in large and "exit status 3" not in small
+    # Admins see usage today: one user, two jobs ended in one attempt each;
+    # beside the workers on a wide screen, under the jobs on a small one.
+    usage = re.compile(r"\badmin +2 +2 ")
+    assert usage.search(small.splitlines()[-1])
+    [beside] = [line for line in large.splitlines() if usage.search(line)]
+    assert beside.startswith("w1 ")
+
+
+def test_a_short_screen_cuts_lists_and_says_how_much(make_cluster):
+    cluster = make_cluster(workers=2)
+    c, jobs, running = make_busy(cluster)
+    view = view_of(c.stats(), cluster.broker.endpoints["client"])
+
+    text = screen(view, 80, 12)
+
+    lines = text.splitlines()
+    assert len(lines) <= 12
+    assert max(cell_len(line) for line in lines) <= 80
+    assert "w1" in text and "more" in text
+    # Given as much room as it wants, nothing is cut.
+    assert "more" not in screen(view, 80, None)
+
+
+def test_events_keep_the_model_equal_to_a_fresh_snapshot(make_cluster):
+    cluster = make_cluster(workers=2)
+    c = cluster.admin()
+    model = Model(cluster.broker.endpoints["client"])
+    with Feed(c, cluster.broker.endpoints["events"], model) as feed:
+        model.load(c.stats(), feed.clock(), feed.wall())
+        # Every job below is only known to the model through events.
+        _, jobs, running = make_busy(cluster)
+
+        def caught_up():
+            feed.step(0.05)
+            states = {j["id"]: j["state"] for j in model.recent}
+            return all(states.get(job) == state
+                       for state, job in jobs.items())
+
+        wait_for(caught_up, message="the model to see every job")
+        wait_for(lambda: feed.step(0.05) or all(
+            w["job"] in running for w in model.workers.values()
+        ))
+        mine = model.view(feed.clock(), feed.wall())
+        fresh = view_of(c.stats())
+
+    assert model.snapshots == 1
+    assert mine["counts"] == fresh["counts"]
+    assert mine["queue"]["by_priority"] == fresh["queue"]["by_priority"]
+    assert sum(mine["finished_per_minute"]) == \
+        sum(fresh["finished_per_minute"])
+
+    def jobs_of(view):
+        return [(j["id"], j["state"], j["attempts"], j["progress"])
+                for j in view["recent"]]
+
+    def workers_of(view):
+        return [(w["name"], w["state"], w["job"]) for w in view["workers"]]
+
+    assert jobs_of(mine) == jobs_of(fresh)
+    assert workers_of(mine) == workers_of(fresh)
+
+
+def test_a_missed_event_or_a_new_run_asks_for_a_snapshot():
+    snap = {
+        "run": "r1", "seq": 10, "time": 1000.0, "user": "admin",
+        "admin": True, "heartbeat_interval": 1.0, "liveness": 3,
+        "tick": 0.5, "workers": [], "recent": [],
+        "counts": {"queued": 1}, "queue": {"by_priority": {"0": 1},
+                                           "oldest_wait": 5.0},
+        "finished_per_minute": [0] * 15,
+    }
+    model = Model()
+    model.load(snap, 0.0, 1000.0)
+    assert model.wants_snapshot(0.1) is None
+
+    def job(seq, run="r1", **kw):
+        return {"run": run, "seq": seq, "at": 1001.0, "job": 7,
+                "event": "assigned", "state": "running", "was": "queued",
+                "priority": 0, **kw}
+
+    # Older than the snapshot: already counted.
+    model.apply("job", job(10), 0.2)
+    assert model.counts["running"] == 0 and model.seq == 10
+    model.apply("job", job(11), 0.2)
+    assert model.counts["running"] == 1 and model.counts["queued"] == 0
+    assert model.by_priority == {} and model.oldest_at is None
+    # A gap: nothing applied until a new snapshot.
+    model.apply("job", job(13, job=8), 0.3)
+    assert model.seq == 11 and model.wants_snapshot(0.3)
+    # The snapshot came with seq 12; event 13, kept, goes on top of it.
+    model.load(dict(snap, seq=12, counts={"queued": 1}), 0.4, 1000.0)
+    assert model.seq == 13 and model.counts["running"] == 1
+    assert model.wants_snapshot(0.5) is None
+    # A restarted broker: numbers start again under a new run.
+    model.apply("job", job(1, run="r2"), 0.6)
+    assert model.wants_snapshot(0.6) == "the broker restarted"
+    model.load(dict(snap, run="r2", seq=1), 0.7, 1000.0)
+    # Stragglers of the old run change nothing any more.
+    model.apply("job", job(14), 0.8)
+    assert model.run == "r2" and model.seq == 1
+    assert model.wants_snapshot(0.8) is None
+    # Silence: a snapshot after a few missed ticks.
+    assert model.wants_snapshot(0.8 + model.silence) == "no events"
+
+
+def test_monitor_says_the_broker_is_gone_and_resyncs_after_restart(
+    tmp_path,
+):
+    ports = {k: free_port() for k in ("client", "worker", "events")}
+    cfg = broker_config(
+        tmp_path, **{f"{k}_endpoint": f"tcp://127.0.0.1:{p}"
+                     for k, p in ports.items()}
+    )
+    broker = Broker(cfg, admin_password=ADMIN_PASSWORD).start()
+    c = Client(broker.endpoints["client"], timeout=2.0, retries=1)
+    c.login("admin", ADMIN_PASSWORD)
+    model = Model(broker.endpoints["client"], broker.endpoints["events"])
+    feed = Feed(c, broker.endpoints["events"], model, timeout=0.5,
+                retry=0.2)
+    try:
+        model.load(c.stats(), feed.clock(), feed.wall())
+        first = broker.run_id
+        wait_for(lambda: feed.step(0.05) or model.heard_at is not None
+                 and model.seq > 0)
+
+        broker.stop()
+        wait_for(lambda: feed.step(0.05) or not model.connected,
+                 timeout=20, message="the monitor to see the broker gone")
+        assert "broker not answering" in model.problem
+        text = screen(model.view(feed.clock(), feed.wall()), 80, 24)
+        assert "broker not answering" in text
+
+        broker = Broker(cfg, admin_password=ADMIN_PASSWORD).start()
+        wait_for(lambda: feed.step(0.05) or model.run == broker.run_id
+                 and model.connected and model.problem is None,
+                 timeout=20, message="the monitor to resync")
+        assert broker.run_id != first and model.snapshots >= 2
+
+        # Events of the new run flow into the model again.
+        script = tmp_path / "ok.py"
+        script.write_text(OK)
+        (tmp_path / "data").mkdir()
+        job = c.submit(script, tmp_path / "data", tmp_path / "out")
+        wait_for(lambda: feed.step(0.05) or any(
+            j["id"] == job for j in model.recent))
+        assert model.counts["queued"] == 1
+    finally:
+        feed.close()
+        c.close()
+        broker.stop()
+
+
+def test_a_silent_worker_turns_yellow_then_red_before_it_is_dropped(
+    make_cluster, zmq_context
+):
+    cluster = make_cluster(workers=0, heartbeat_interval=0.4, liveness=6)
+    c = cluster.admin()
+    model = Model()
+    styles = []
+    with Feed(c, cluster.broker.endpoints["events"], model) as feed:
+        model.load(c.stats(), feed.clock(), feed.wall())
+        fake = zmq_context.socket(zmq.DEALER)
+        fake.linger = 0
+        fake.connect(cluster.worker_endpoint)
+        fake.send_multipart(protocol.encode(protocol.READY, {"name": "mute"}))
+
+        def watch():
+            feed.step(0.02)
+            view = model.view(feed.clock(), feed.wall())
+            rows = [w for w in view["workers"] if w["name"] == "mute"]
+            if rows:
+                style = liveness_style(rows[0]["liveness"], view["liveness"])
+                if not styles or styles[-1] != style:
+                    styles.append(style)
+            return styles and not rows
+
+        wait_for(watch, timeout=20, message="the silent worker to go")
+    assert styles == ["", "yellow", "red"]
+
+
+def cli_env(cluster, tmp_path) -> dict:
+    token = tmp_path / "token"
+    token.write_text(cluster.admin().token + "\n")
+    env = dict(
+        os.environ,
+        MSP_CLIENT_BROKER=cluster.broker.endpoints["client"],
+        MSP_CLIENT_EVENTS=cluster.broker.endpoints["events"],
+        MSP_CLIENT_TOKEN_FILE=str(token), MSP_CLIENT_TIMEOUT="3",
+    )
+    env.pop("MSP_CONFIG", None)
+    return env
+
+
+def test_monitor_once_and_json(make_cluster, tmp_path):
+    cluster = make_cluster(workers=2)
+    c, jobs, running = make_busy(cluster)
+    env = dict(cli_env(cluster, tmp_path), COLUMNS="120")
+
+    once = run_cli("monitor", "--once", env=env)
+    as_json = run_cli("monitor", "--json", env=env)
+    stats = run_cli("stats", env=env)
+    workers = run_cli("workers", env=env)
+
+    assert once.returncode == 0, once.stderr
+    assert "running 2" in once.stdout and "q quits" not in once.stdout
+    assert all(len(line) <= 120 for line in once.stdout.splitlines())
+    view = json.loads(as_json.stdout)
+    assert view["counts"]["running"] == 2
+    assert sorted(w["name"] for w in view["workers"]) == ["w1", "w2"]
+    assert sorted(w["job"] for w in view["workers"]) == sorted(running)
+    assert {j["id"]: j["state"] for j in view["recent"]}[jobs["queued"]] \
+        == "queued"
+    assert stats.returncode == 0 and "queue 1 waiting" in stats.stdout
+    assert workers.returncode == 0
+    assert [line.split()[:2] for line in workers.stdout.splitlines()[1:]] \
+        == [["w1", "busy"], ["w2", "busy"]]
+
+
+def test_monitor_in_a_terminal_quits_on_q_and_restores_it(
+    make_cluster, tmp_path
+):
+    cluster = make_cluster(workers=2)
+    env = cli_env(cluster, tmp_path)
+    command = f"{sys.executable} -m msp monitor; echo exit=$?; stty -a"
+    child = pexpect.spawn("bash", ["-c", command], env=env,
+                          dimensions=(24, 80), encoding="utf-8", timeout=30)
+    try:
+        child.expect("w2")
+        child.expect("q quits")
+        child.send("q")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    shown = child.before
+    assert "exit=0" in shown
+    # The alternate screen was left and the cursor shown again.
+    assert "\x1b[?1049l" in shown and "\x1b[?25h" in shown
+    # Line editing and echo are back on.
+    modes = shown.split("exit=0", 1)[1].split()
+    assert "icanon" in modes and "echo" in modes
+
+
+def test_ctrl_c_quits_the_monitor_too(make_cluster, tmp_path):
+    cluster = make_cluster(workers=1)
+    env = cli_env(cluster, tmp_path)
+    child = pexpect.spawn(sys.executable, ["-m", "msp", "monitor"], env=env,
+                          dimensions=(24, 80), encoding="utf-8", timeout=30)
+    try:
+        child.expect("w1")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert "\x1b[?1049l" in child.before
