@@ -29,11 +29,22 @@ from rich.text import Text
 from . import config as msp_config
 from .client import FINAL_STATES, Client
 from .errors import (
-    AuthError, BrokerUnavailable, ConfigError, ForbiddenError, MspError,
+    AuthError,
+    BrokerUnavailable,
+    ConfigError,
+    ForbiddenError,
+    MspError,
 )
 from .monitor.model import view_of
 from .monitor.view import (
-    STATE_STYLES, duration, job_duration, progress_bar, render, state_text,
+    STATE_STYLES,
+    duration,
+    job_duration,
+    job_label,
+    printable,
+    progress_bar,
+    render,
+    state_text,
     workers_table,
 )
 
@@ -188,6 +199,12 @@ def styled(state_name: str) -> str:
     return f"[{STATE_STYLES.get(state_name, 'white')}]{state_name}[/]"
 
 
+def plain(text: str, lines: bool = False) -> Text:
+    """A user's or a script's text, shown as it is: no markup, no
+    terminal control."""
+    return Text(printable(text, lines))
+
+
 @app.command()
 def login(
     user: str = typer.Argument(None, help="User name (default: $USER)."),
@@ -297,8 +314,8 @@ def _print_outcome(view: dict) -> None:
            f"{view['attempts']} attempt(s)"
     out.print(line)
     if view.get("error"):
-        out.print(f"  error: {view['error']}", highlight=False)
-    out.print(f"  output: {view['output']}", highlight=False)
+        out.print(Text("  error: ") + plain(view["error"], lines=True))
+    out.print(Text("  output: ") + plain(view["output"]))
 
 
 @app.command("wait")
@@ -340,11 +357,11 @@ def status(
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("job", str(view["id"]) + (f" ({view['name']})"
-                                   if view.get("name") else "")),
+        ("job", plain(str(view["id"]) + (f" ({view['name']})"
+                                         if view.get("name") else ""))),
         ("state", styled(view["state"])),
-        ("script", " ".join([view["script"], *view["args"]])),
-        ("data", view["data"]), ("output", view["output"]),
+        ("script", plain(" ".join([view["script"], *view["args"]]))),
+        ("data", plain(view["data"])), ("output", plain(view["output"])),
         ("priority", str(view["priority"])),
         ("attempts", f"{view['attempts']} started, {view['failures']} "
                      f"failed of {view['max_attempts']}, {view['lost']} lost"),
@@ -354,7 +371,7 @@ def status(
     if view.get("progress") is not None and view["state"] == "running":
         rows.append(("progress", progress_bar(view["progress"], 20)))
     if view.get("error"):
-        rows.append(("error", view["error"]))
+        rows.append(("error", plain(view["error"], lines=True)))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
@@ -366,7 +383,7 @@ def status(
         cpu = None if a["cpu_user"] is None else a["cpu_user"] + \
             (a["cpu_system"] or 0)
         attempts.add_row(
-            str(a["number"]), a["worker"], when(a["started_at"]),
+            str(a["number"]), plain(a["worker"]), when(a["started_at"]),
             duration(None if a["ended_at"] is None
                      else a["ended_at"] - a["started_at"]),
             styled(a["outcome"] or "running"),
@@ -407,8 +424,8 @@ def list_cmd(
                          min_width=width)
     for j in jobs:
         table.add_row(
-            str(j["id"]), j.get("user") or "-",
-            j.get("name") or Path(j["script"]).name, styled(j["state"]),
+            str(j["id"]), plain(j.get("user") or "-"), plain(job_label(j)),
+            styled(j["state"]),
             f"{j['attempts']}/{j['max_attempts']}", when(j["submitted_at"]),
             duration(job_duration(j, time.time())),
         )

@@ -217,7 +217,8 @@ class Client:
         return self._authed("STATS")
 
 class Events:
-    """The broker's event stream (``docs/events.md``): a SUB socket.
+    """The broker's event stream (``docs/protocol.md``, section 10): a SUB
+    socket.
 
     ::
 

@@ -161,6 +161,20 @@ def postgres_answers() -> bool:
         return False
 
 
+def cli_env(cluster: Cluster, folder: Path) -> dict:
+    """The environment for mspctl, logged in as admin, to use ``cluster``."""
+    token = folder / "token"
+    token.write_text(cluster.admin().token + "\n")
+    env = dict(
+        os.environ,
+        MSP_CLIENT_BROKER=cluster.broker.endpoints["client"],
+        MSP_CLIENT_EVENTS=cluster.broker.endpoints["events"],
+        MSP_CLIENT_TOKEN_FILE=str(token), MSP_CLIENT_TIMEOUT="3",
+    )
+    env.pop("MSP_CONFIG", None)
+    return env
+
+
 def run_cli(*args, env=None, timeout=60, check=False, **kw):
     """Run mspctl in a real process."""
     return subprocess.run(

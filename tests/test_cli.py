@@ -24,7 +24,8 @@ def test_help_lists_the_commands():
 def test_every_command_has_an_example():
     runner = CliRunner()
     commands = ("login", "logout", "submit", "status", "list", "cancel",
-                "logs", "wait", "workers", "stats", "broker", "worker")
+                "logs", "wait", "workers", "stats", "monitor", "broker",
+                "worker")
     for command in commands:
         result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output

@@ -137,6 +137,14 @@ def test_workers_joining_draining_and_leaving_are_published(
     worker.stop(drain=True, timeout=0)
     wait_for(lambda: any(b.get("event") == "draining"
                          for _, b in seen.drain()))
+
+    def ticked_draining():
+        return [w for t, b in seen.drain() if t == "broker"
+                for w in b["workers"] if w["state"] == "draining"]
+
+    # The ticks show the worker's state and job as they change.
+    [shown, *_] = wait_for(ticked_draining)
+    assert (shown["name"], shown["job"]) == ("drainer", job)
     (cluster.data / "go").write_text("")
     assert c.wait(job, timeout=30)["state"] == "succeeded"
     wait_for(lambda: any(b.get("event") == "left" for _, b in seen.drain()))
@@ -148,8 +156,7 @@ def test_workers_joining_draining_and_leaving_are_published(
     lives = [(b["event"], b.get("job")) for t, b in seen.received
              if t == "worker"]
     assert lives == [("joined", None), ("draining", job), ("left", None)]
-    ticks = [b for t, b in seen.received if t == "broker"]
-    assert ticks and all(b["event"] == "tick" for b in ticks)
-    busy = [b["workers"] for b in ticks if b["workers"]
-            and b["workers"][0]["job"] == job]
-    assert busy and busy[0][0]["name"] == "drainer"
+    assert {b["event"] for t, b in seen.received if t == "broker"} == {"tick"}
+    # And the worker is gone from them once it left.
+    wait_for(lambda: [b["workers"] for t, b in seen.drain()
+                      if t == "broker"][-1] == [])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import sys
 
@@ -21,7 +20,13 @@ from msp.monitor.model import view_of
 from msp.monitor.view import liveness_style
 
 from .conftest import (
-    ADMIN_PASSWORD, BLOCK, broker_config, free_port, run_cli, wait_for,
+    ADMIN_PASSWORD,
+    BLOCK,
+    broker_config,
+    cli_env,
+    free_port,
+    run_cli,
+    wait_for,
 )
 
 OK = "print('ok')\n"
@@ -225,7 +230,16 @@ def test_monitor_says_the_broker_is_gone_and_resyncs_after_restart(
         text = screen(model.view(feed.clock(), feed.wall()), 80, 24)
         assert "broker not answering" in text
 
-        broker = Broker(cfg, admin_password=ADMIN_PASSWORD).start()
+        def start_again():
+            # libzmq frees the old sockets' ports in the background.
+            try:
+                return Broker(cfg, admin_password=ADMIN_PASSWORD).start()
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE:
+                    raise
+                return None
+
+        broker = wait_for(start_again, message="the ports to be free")
         wait_for(lambda: feed.step(0.05) or model.run == broker.run_id
                  and model.connected and model.problem is None,
                  timeout=20, message="the monitor to resync")
@@ -271,19 +285,6 @@ def test_a_silent_worker_turns_yellow_then_red_before_it_is_dropped(
 
         wait_for(watch, timeout=20, message="the silent worker to go")
     assert styles == ["", "yellow", "red"]
-
-
-def cli_env(cluster, tmp_path) -> dict:
-    token = tmp_path / "token"
-    token.write_text(cluster.admin().token + "\n")
-    env = dict(
-        os.environ,
-        MSP_CLIENT_BROKER=cluster.broker.endpoints["client"],
-        MSP_CLIENT_EVENTS=cluster.broker.endpoints["events"],
-        MSP_CLIENT_TOKEN_FILE=str(token), MSP_CLIENT_TIMEOUT="3",
-    )
-    env.pop("MSP_CONFIG", None)
-    return env
 
 
 def test_monitor_once_and_json(make_cluster, tmp_path):

@@ -33,6 +33,20 @@ BLOCKS = "▂▃▄▅▆▇█"
 
 # Pieces shared with mspctl.
 
+# C0 and C1 control characters, DEL: a job's name, error or message is the
+# user's text and must not move the cursor or recolour the screen.
+_CONTROL = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd")
+
+
+def printable(text: str, lines: bool = False) -> str:
+    """``text`` safe to show in a terminal: on one line, or keeping its
+    line breaks (``lines``)."""
+    if lines:
+        return "\n".join(line.translate(_CONTROL)
+                         for line in text.splitlines())
+    return text.translate(_CONTROL)
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -91,7 +105,7 @@ def liveness_style(left: float, liveness: int) -> str:
 
 
 def job_label(job: dict) -> str:
-    return job.get("name") or Path(job.get("script") or "-").name
+    return printable(job.get("name") or Path(job.get("script") or "-").name)
 
 
 def job_duration(job: dict, now: float) -> float | None:
@@ -145,7 +159,9 @@ def table(cols: list[Col], rows: list[dict], width: int, more: int = 0,
         cells = []
         for col in cols:
             value = col.cell(row)
-            cells.append(value if isinstance(value, Text) else Text(str(value)))
+            if not isinstance(value, Text):
+                value = Text(printable(str(value)))
+            cells.append(value)
         t.add_row(*cells, style=row_style(row) if row_style else None)
     # The note goes where there is room: the first flexible column.
     note = None
@@ -177,8 +193,8 @@ def _worker_cols(view: dict) -> list[Col]:
         return Text(w["state"], style=WORKER_STYLES.get(w["state"], ""))
 
     return [
-        Col("worker", lambda w: Text(w["name"], style=late(w)), 8, 0,
-            flex=True),
+        Col("worker", lambda w: Text(printable(w["name"]), style=late(w)),
+            8, 0, flex=True),
         Col("state", state, 8, 0),
         Col("job", lambda w: "-" if w["job"] is None else w["job"], 6, 1,
             justify="right"),
@@ -200,7 +216,7 @@ def _job_cols(view: dict) -> list[Col]:
     def label(j: dict) -> Text:
         text = job_label(j)
         if j.get("args"):
-            text += " " + " ".join(j["args"])
+            text += " " + printable(" ".join(j["args"]))
         return Text(text)
 
     def state(j: dict) -> Text:
@@ -213,9 +229,10 @@ def _job_cols(view: dict) -> list[Col]:
         return f"{j['attempts']}/{j.get('max_attempts') or '?'}"
 
     def note(j: dict) -> Text:
-        if j.get("error"):
-            return Text(j["error"].splitlines()[0], style="red")
-        return Text(j.get("message") or "")
+        error = (j.get("error") or "").strip()
+        if error:
+            return Text(printable(error.splitlines()[0]), style="red")
+        return Text(printable(j.get("message") or ""))
 
     cols = [
         Col("job", lambda j: j["id"], 6, 0, justify="right"),
@@ -267,7 +284,7 @@ def header(view: dict, live: bool) -> Table:
     left.append(f"  broker {view['broker'] or '?'}")
     if view.get("user"):
         role = " (admin)" if view.get("admin") else ""
-        left.append(f"  {view['user']}{role}")
+        left.append(f"  {printable(view['user'])}{role}")
     right = Text(clock(view["time"]))
     if live:
         right.append("  q quits")
@@ -334,7 +351,7 @@ def share(demands: list[int], room: int) -> list[int]:
     """Split ``room`` lines among demands one line at a time in turn, so
     that a long list cannot starve a short one."""
     given = [0] * len(demands)
-    while room > 0 and any(g < d for g, d in zip(given, demands)):
+    while room > 0 and any(g < d for g, d in zip(given, demands, strict=True)):
         for i, d in enumerate(demands):
             if room and given[i] < d:
                 given[i] += 1
@@ -376,7 +393,7 @@ def render(view: dict, width: int, height: int | None = None
             bands.pop()
             demands.pop()
         lines = share(demands, room - (1 + gap) * len(bands))
-    for band, n in zip(bands, lines):
+    for band, n in zip(bands, lines, strict=True):
         for s in band:
             s.lines = n
 
