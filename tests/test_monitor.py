@@ -187,13 +187,19 @@ def test_a_missed_event_or_a_new_run_asks_for_a_snapshot():
     # A gap: nothing applied until a new snapshot.
     model.apply("job", job(13, job=8), 0.3)
     assert model.seq == 11 and model.wants_snapshot(0.3)
-    # The snapshot came with seq 12; event 13, kept, goes on top of it.
-    model.load(dict(snap, seq=12, counts={"queued": 1}), 0.4, 1000.0)
-    assert model.seq == 13 and model.counts["running"] == 1
+    # Asked for (the feed does that); event 14 comes first, and is kept.
+    model.snapshot_asked()
+    model.apply("job", job(14, job=9), 0.35)
+    assert model.seq == 11
+    # The snapshot includes 13; 14 goes on top of it.
+    model.load(dict(snap, seq=13, counts={"queued": 2}), 0.4, 1000.0)
+    assert model.seq == 14
+    assert model.counts["running"] == 1 and model.counts["queued"] == 1
     assert model.wants_snapshot(0.5) is None
     # A restarted broker: numbers start again under a new run.
     model.apply("job", job(1, run="r2"), 0.6)
     assert model.wants_snapshot(0.6) == "the broker restarted"
+    model.snapshot_asked()
     model.load(dict(snap, run="r2", seq=1), 0.7, 1000.0)
     # Stragglers of the old run change nothing any more.
     model.apply("job", job(14), 0.8)
@@ -349,3 +355,73 @@ def test_ctrl_c_quits_the_monitor_too(make_cluster, tmp_path):
         child.close(force=True)
     assert child.exitstatus == 0
     assert "\x1b[?1049l" in child.before
+
+
+def test_malformed_events_are_dropped_or_bring_a_snapshot(
+    make_cluster, zmq_context
+):
+    cluster = make_cluster(workers=0)
+    c = cluster.admin()
+    fake = zmq_context.socket(zmq.PUB)
+    fake.linger = 0
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    model = Model()
+    with Feed(c, f"tcp://127.0.0.1:{port}", model) as feed:
+        model.load(c.stats(), feed.clock(), feed.wall())
+        run, seq = model.run, model.seq
+        good = {"run": run, "event": "joined", "worker": "w9", "at": 1.0}
+
+        def publish_until_applied(body):
+            # The subscription takes effect some time after connecting.
+            def applied():
+                fake.send_multipart([b"worker", json.dumps(body).encode()])
+                feed.step(0.02)
+                return model.seq == body["seq"]
+            wait_for(applied, message="the event to be applied")
+
+        publish_until_applied(dict(good, seq=seq + 1))
+        for frames in (
+            [b"job"], [b"job", b"not json"], [b"job", b"[1, 2]"],
+            [b"job", json.dumps({"run": run, "seq": "7"}).encode()],
+            [b"\xff", json.dumps(dict(good, seq=seq + 9)).encode()],
+        ):
+            fake.send_multipart(frames)
+        publish_until_applied(dict(good, seq=seq + 2, worker="w10"))
+        assert model.stale is None
+        assert {"w9", "w10"} <= set(model.workers)
+
+        # Well-formed, but not an event this monitor knows how to apply.
+        # (Once the real broker's numbers are past it, so that the
+        # snapshot it brings does not have this event replayed on top.)
+        wait_for(lambda: cluster.broker.seq > seq + 3)
+        fake.send_multipart([b"job", json.dumps(
+            {"run": run, "seq": seq + 3, "event": "queued", "at": 1.0}
+        ).encode()])
+        wait_for(lambda: feed.step(0.02) or model.stale)
+        assert model.stale == "an event it did not understand"
+        # The broker's own snapshot puts it right.
+        wait_for(lambda: feed.step(0.02) or model.snapshots == 2)
+        assert model.stale is None and "w9" not in model.workers
+    fake.close()
+
+
+def test_a_user_sees_their_own_jobs_and_no_usage(make_cluster):
+    cluster = make_cluster(workers=0)
+    alice, bob = cluster.user("alice"), cluster.user("bob")
+    ok = cluster.script("ok.py", OK)
+    mine = alice.submit(ok, cluster.data, cluster.output("a"))
+    bob.submit(ok, cluster.data, cluster.output("b"))
+    model = Model()
+    with Feed(alice, cluster.broker.endpoints["events"], model) as feed:
+        model.load(alice.stats(), feed.clock(), feed.wall())
+        later = alice.submit(ok, cluster.data, cluster.output("a2"))
+        bob.submit(ok, cluster.data, cluster.output("b2"))
+        wait_for(lambda: feed.step(0.05) or model.counts["queued"] == 4)
+        view = model.view(feed.clock(), feed.wall())
+
+    assert [j["id"] for j in view["recent"]] == [later, mine]
+    assert view["usage_today"] is None and view["admin"] is False
+    text = screen(view, 200, 50)
+    assert "alice" in text.splitlines()[0]
+    assert "user" not in header_of(text, "job").split()
+    assert "jobs tries" not in text

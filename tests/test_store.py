@@ -691,6 +691,28 @@ def test_usage_of_one_user(store, billed, alice, bob):
     ]
 
 
+def test_usage_by_user_sums_attempts_ended_since(store, billed):
+    # a2 ended twice: lost at 130, then succeeded at 140 without usage.
+    start(store, billed["a2"], "ta2b", 135.0)
+    store.end_attempt(billed["a2"], "ta2b", 140.0, "succeeded",
+                      job_state="succeeded",
+                      usage={"wall": 2.0, "user": 0.5, "system": 0.25})
+
+    assert store.usage_by_user(0.0) == [
+        {"user": "alice", "jobs": 2, "attempts": 3, "cpu_seconds": 9.75,
+         "wall_seconds": 12.0},
+        {"user": "bob", "jobs": 1, "attempts": 1, "cpu_seconds": 0.0,
+         "wall_seconds": 0.0},
+    ]
+    assert store.usage_by_user(120.0) == [
+        {"user": "alice", "jobs": 1, "attempts": 2, "cpu_seconds": 0.75,
+         "wall_seconds": 2.0},
+        {"user": "bob", "jobs": 1, "attempts": 1, "cpu_seconds": 0.0,
+         "wall_seconds": 0.0},
+    ]
+    assert store.usage_by_user(141.0) == []
+
+
 def test_finished_since(store, history):
     # history ended one job at 101 and failed another at 101.
     assert store.finished_since(101.0) == [101.0, 101.0]

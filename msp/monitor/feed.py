@@ -101,6 +101,7 @@ class Feed:
             protocol.encode(b"STATS", {"token": self.client.token or ""})
         )
         self._deadline = now + self.timeout
+        self.model.snapshot_asked()
 
     def _answered(self, now: float) -> None:
         frames = self._req.recv_multipart()
@@ -108,16 +109,28 @@ class Feed:
         try:
             snap = self.client.decode(frames)
         except MspError as exc:
+            self.model.snapshot_lost()
             # Logged out, or a broker that does not know us: say so and
             # keep asking, so that a new login shows at once.
             self.model.connected = False
             self._set_problem(f"the broker refused: {exc.message}", now)
             self._next_try = now + self.retry
             return
-        self.model.load(snap, now, self.wall())
+        try:
+            self.model.load(snap, now, self.wall())
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A broker of another version: say so rather than crash.
+            log.debug("snapshot not understood: %r", exc)
+            self.model.snapshot_lost()
+            self.model.connected = False
+            self.model.stale = "a snapshot it did not understand"
+            self._set_problem("the broker's STATS reply is not one this "
+                              "monitor understands", now)
+            self._next_try = now + self.retry
 
     def _unanswered(self, now: float) -> None:
         self._drop_request()
+        self.model.snapshot_lost()
         self.model.connected = False
         self._set_problem(
             f"broker not answering at {self.client.endpoint}; showing what "

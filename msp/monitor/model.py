@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 # Seconds between snapshots while events flow: for what no event carries
 # (the oldest wait once the oldest job left the queue, usage today).
 RESYNC = 15.0
-# Events kept to replay on top of a snapshot that was on its way.
+# Events kept to replay on top of a snapshot that was on its way; more
+# than that, and the snapshot's figures are already behind again.
 REPLAY = 10_000
 # The stream is silent when no event came for this many ticks.
 SILENT_TICKS = 3
@@ -64,7 +65,11 @@ class Model:
         self.connected = False
         # Snapshots loaded so far: one, if events alone kept the model.
         self.snapshots = 0
-        self._replay: collections.deque = collections.deque(maxlen=REPLAY)
+        # Events received since a snapshot was asked for (or since the
+        # start), to replay on top of it; None when no snapshot is coming.
+        self._replay: collections.deque | None = collections.deque(
+            maxlen=REPLAY
+        )
         self._old_runs: set[str] = set()
 
     # Snapshots.
@@ -102,11 +107,18 @@ class Model:
             # The first events may take a moment: count silence from here.
             self.heard_at = mono
         # What came in while the snapshot was on its way goes on top.
-        pending = [e for e in self._replay if e[1].get("run") == self.run
-                   and e[1]["seq"] > self.seq]
-        self._replay.clear()
+        pending, self._replay = self._replay or (), None
         for topic, body, at in pending:
-            self._advance(topic, body, at)
+            if body.get("run") == self.run:
+                self._advance(topic, body, at)
+
+    def snapshot_asked(self) -> None:
+        """A snapshot is on its way: keep the events until it comes."""
+        self._replay = collections.deque(maxlen=REPLAY)
+
+    def snapshot_lost(self) -> None:
+        """The snapshot asked for will not come."""
+        self._replay = None
 
     def wants_snapshot(self, mono: float) -> str | None:
         """Why a snapshot should be fetched now, or None."""
@@ -135,7 +147,8 @@ class Model:
         if run in self._old_runs:
             return
         self.heard_at = mono
-        self._replay.append((topic, body, mono))
+        if self._replay is not None:
+            self._replay.append((topic, body, mono))
         if self.run is None:
             return
         if run != self.run:
@@ -211,6 +224,9 @@ class Model:
         if state in FINAL_STATES:
             minute = int(at // 60)
             self.finished[minute] = self.finished.get(minute, 0) + 1
+            for old in [m for m in self.finished
+                        if m <= minute - self.minutes]:
+                del self.finished[old]
 
     def _job_worker(self, body: dict, mono: float) -> None:
         """What a job event says about the worker that runs the job."""

@@ -386,6 +386,7 @@ def render(view: dict, width: int, height: int | None = None
     if height is None:
         lines = demands
     else:
+        del top[max(height, 0):]
         room = height - len(top)
         gap = room - 2 * len(bands) >= sum(demands)
         # Too short even for a line of rows each: the last bands go.
