@@ -35,6 +35,7 @@ from .errors import (
     ForbiddenError,
     MspError,
 )
+from .monitor import Feed, Model, screen
 from .monitor.model import view_of
 from .monitor.view import (
     STATE_STYLES,
@@ -276,12 +277,7 @@ def submit(
                 out.print(f"job [bold]{job}[/] queued")
             return
         view = _wait_live(c, job, quiet=as_json)
-    if as_json:
-        _print_json(view)
-    else:
-        _print_outcome(view)
-    if view["state"] != "succeeded":
-        raise typer.Exit(EXIT_JOB)
+    _ended(view, as_json)
 
 
 def _wait_live(c: Client, job: int, quiet: bool = False) -> dict:
@@ -309,6 +305,16 @@ def _wait_line(view: dict, elapsed: float) -> Text:
     return line
 
 
+def _ended(view: dict, as_json: bool) -> None:
+    """Say how the job waited for ended; exit 5 unless it succeeded."""
+    if as_json:
+        _print_json(view)
+    else:
+        _print_outcome(view)
+    if view["state"] != "succeeded":
+        raise typer.Exit(EXIT_JOB)
+
+
 def _print_outcome(view: dict) -> None:
     line = f"job [bold]{view['id']}[/] {styled(view['state'])} after " \
            f"{view['attempts']} attempt(s)"
@@ -330,12 +336,7 @@ def wait_cmd(
     """
     with client() as c:
         view = c.wait(job, timeout)
-    if as_json:
-        _print_json(view)
-    else:
-        _print_outcome(view)
-    if view["state"] != "succeeded":
-        raise typer.Exit(EXIT_JOB)
+    _ended(view, as_json)
 
 
 @app.command()
@@ -529,13 +530,11 @@ def monitor(
 
     Example: mspctl monitor --events tcp://broker.example.org:5557
     """
-    from .monitor import Feed, Model, screen
-
     cfg = state.config(client={"events": events})
     endpoint = cfg.client.events
     with client() as c:
         if as_json or once or not out.is_terminal:
-            view = view_of(c.stats(), cfg.client.broker, endpoint)
+            view = _snapshot_view(c.stats())
             if as_json:
                 _print_json(view)
             else:

@@ -118,6 +118,7 @@ class Client:
             raise from_wire(str(body.get("code")), str(body.get("message")))
         return body
 
+    # Public for a caller that polls a socket of new_socket() itself.
     decode = _decode
 
     def _authed(self, command: str, body: dict | None = None,
@@ -215,6 +216,7 @@ class Client:
 
     def stats(self) -> dict:
         return self._authed("STATS")
+
 
 class Events:
     """The broker's event stream (``docs/protocol.md``, section 10): a SUB

@@ -17,11 +17,7 @@ from pathlib import Path
 
 from .. import auth, outputs, paths, protocol
 from ..errors import (
-    AuthError,
-    ConflictError,
-    ForbiddenError,
-    MspError,
-    NotFoundError,
+    AuthError, ConflictError, ForbiddenError, MspError, NotFoundError,
     ProtocolError,
 )
 from ..store import FINAL_STATES, JOB_STATES

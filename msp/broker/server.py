@@ -6,9 +6,10 @@ then sends the replies and publishes the events. A reply therefore never
 acknowledges anything that is not durable, and a busy broker pays for one
 commit per turn rather than one per message.
 
-Events (``docs/protocol.md``, section 10) leave in the order their changes were made,
-numbered by ``seq`` within the broker's ``run``; a STATS reply names the last
-``seq`` its figures include, so that a subscriber can join the two.
+Events (``docs/protocol.md``, section 10) leave in the order their changes
+were made, numbered by ``seq`` within the broker's ``run``; a STATS reply
+names the last ``seq`` its figures include, so that a subscriber can join
+the two.
 """
 
 from __future__ import annotations
