@@ -1,9 +1,9 @@
 """mspctl: run a broker or a worker, and use msp from the shell.
 
 Errors are one red line on stderr. Exit status: 0 success; 1 an error the
-broker reported; 2 bad usage or configuration; 3 the broker did not answer; 4 not logged in
-or not allowed; 5 the job ended failed or cancelled (``submit --wait``,
-``wait``).
+broker reported; 2 bad usage or configuration; 3 the broker did not answer;
+4 not logged in or not allowed; 5 the job ended failed or cancelled
+(``submit --wait``, ``wait``).
 """
 
 from __future__ import annotations
