@@ -471,6 +471,9 @@ def logs(
                 continue
             if not follow or chunk["state"] in FINAL_STATES:
                 return
+            # XXX: a retry starts a new log; seen queued between the two, it
+            # is read from its start, but a retry that starts within one
+            # poll is read from the old log's offset and loses its head.
             if chunk["state"] == "queued":
                 offset = 0
             time.sleep(0.5)

@@ -98,6 +98,9 @@ class Broker:
         for name, kind in (("client", zmq.ROUTER), ("worker", zmq.ROUTER)):
             self._bind(name, kind, getattr(self.config, f"{name}_endpoint"))
         if self.config.events_endpoint:
+            # XXX: the stream is not authenticated: whoever can connect
+            # sees every user's names, scripts and errors. Keep it on ipc,
+            # loopback or a trusted network, like the other sockets.
             self._bind("events", zmq.PUB, self.config.events_endpoint)
         self.open_store()
         log.info(
@@ -261,6 +264,9 @@ class Broker:
         self.clients.tick(now, wall)
         self.workers.dispatch(now, wall)
         if now >= self._next_tick and "events" in self._sockets:
+            # XXX: every tick carries the whole worker table, about 300
+            # bytes a worker: fine for hundreds, megabytes a second for
+            # tens of thousands, where only changed rows should go.
             self._next_tick = now + self.tick_period
             self.publish("broker", event="tick",
                          workers=self.workers.snapshot(now))

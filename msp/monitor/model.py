@@ -21,8 +21,10 @@ from ..store import FINAL_STATES, JOB_STATES
 
 log = logging.getLogger(__name__)
 
-# Seconds between snapshots while events flow: for what no event carries
-# (the oldest wait once the oldest job left the queue, usage today).
+# Seconds between snapshots while events flow: for what no event carries.
+# XXX: so the oldest wait, once the oldest job left the queue, and usage
+# today can be up to this late; events carrying them would cost every
+# subscriber for two figures.
 RESYNC = 15.0
 # Events kept to replay on top of a snapshot that was on its way; more
 # than that, and the snapshot's figures are already behind again.
