@@ -114,6 +114,8 @@ class Client:
             body = json.loads(frames[2])
         except ValueError:
             raise ProtocolError("reply body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("reply body is not a JSON object")
         if frames[1] == protocol.ERR:
             raise from_wire(str(body.get("code")), str(body.get("message")))
         return body

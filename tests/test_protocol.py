@@ -497,3 +497,11 @@ def test_error_body():
 def test_protocol_error_default_code():
     assert ProtocolError("x").code == "bad_request"
     assert ProtocolError("x", "version").code == "version"
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"1", b'"x"', b"null"])
+def test_client_refuses_a_reply_that_is_not_an_object(raw):
+    from msp.client import Client
+
+    with pytest.raises(ProtocolError, match="not a JSON object"):
+        Client.decode([protocol.VERSION, protocol.OK, raw])
