@@ -109,6 +109,10 @@ class WorkerHandler:
 
     def recover(self, now: float) -> None:
         """Remember the jobs a previous broker left running."""
+        # XXX: the grace knows nothing of the workers' reconnect back-off,
+        # which grows to reconnect_max (32 s by default) while the broker
+        # is down: after a long outage a worker still running its job may
+        # come back too late, and the job then runs a second time.
         grace = self.period * 3
         for job in self.broker.store.running():
             self.orphans[job["id"]] = (job["token"], now + grace)

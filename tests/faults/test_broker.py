@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -12,7 +13,17 @@ from msp import protocol
 from msp.client import Client
 
 from ..conftest import ADMIN_PASSWORD, wait_for
-from .conftest import gated_job, go, holder, promoted, settled, start, started
+from .conftest import (
+    gated_job,
+    go,
+    gone,
+    holder,
+    promoted,
+    settled,
+    signal_worker,
+    start,
+    started,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +74,42 @@ def test_broker_killed_with_jobs_queued_and_running(processes, strays):
         "cancelled": 0,
     }
     assert f"worker {keeper} still runs job {kept}; kept" in p.log("broker")
+
+
+def test_worker_back_too_late_after_a_restart_is_told_to_stop(processes):
+    """The broker restarts while a worker is frozen; the worker is not back
+    within the grace the broker gives it, so its job is lost and run again.
+    When it does come back, its hold is stale: it is told to stop, and its
+    script is stopped."""
+    p = start(processes, workers=("w1", "w2"))
+    c = p.client()
+    job, data, out = gated_job(p, c, "late")
+    pid = started(data, "late", 1)
+    late = holder(c, job)
+    other = ({"w1", "w2"} - {late}).pop()
+
+    p.broker.kill()
+    p.broker.wait(10)
+    signal_worker(p, late, signal.SIGSTOP)
+    p.start_broker()
+    c.close()
+    c = p.client()
+    _, attempts = settled(c, job, "succeeded", ["lost", "succeeded"])
+    assert [a["worker"] for a in attempts] == [late, other]
+    assert "never came back" in attempts[0]["error"]
+    before = c.status(job)
+
+    signal_worker(p, late, signal.SIGCONT)
+
+    wait_for(lambda: f"worker {late} holds job {job} under a stale token"
+             in p.log("broker"), timeout=30,
+             message="the late worker to be told to stop")
+    wait_for(lambda: gone(pid), timeout=10,
+             message="the stale attempt's script to be stopped")
+    wait_for(lambda: {w["name"]: w["state"] for w in c.workers()}.get(late)
+             == "idle", timeout=30, message=f"{late} to be idle again")
+    assert c.status(job) == before
+    assert promoted(out)["from"] == [2]
 
 
 def test_broker_restarted_twice_while_a_job_runs(processes):
