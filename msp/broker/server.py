@@ -259,7 +259,9 @@ class Broker:
 
     def step(self, now: float, wall: float) -> None:
         """The timed work of one tick: liveness, heartbeats, expired waits,
-        dispatch. Tests call it with their own clock."""
+        dispatch. Tests may call it with their own clock, in steps shorter
+        than a heartbeat interval: a longer step is taken for a stall of the
+        broker's own, and gives every worker a fresh liveness period."""
         self.workers.tick(now, wall)
         self.clients.tick(now, wall)
         self.workers.dispatch(now, wall)
