@@ -112,6 +112,32 @@ def test_worker_back_too_late_after_a_restart_is_told_to_stop(processes):
     assert promoted(out)["from"] == [2]
 
 
+def test_cancel_asked_while_the_worker_is_away_reaches_it(processes):
+    """After a restart, a job is cancelled before its worker is back (the
+    broker waits 6 s for it here); the worker comes back, keeps the job,
+    is told to cancel it, and the job ends cancelled after one attempt."""
+    p = start(processes, workers=("w1",), MSP_BROKER_LIVENESS="10")
+    c = p.client()
+    job, data, out = gated_job(p, c, "away")
+    pid = started(data, "away", 1)
+
+    p.broker.kill()
+    p.broker.wait(10)
+    signal_worker(p, "w1", signal.SIGSTOP)
+    p.start_broker()
+    c.close()
+    c = p.client()
+    reply = c.cancel(job)
+    assert reply == {"job": job, "state": "running",
+                     "cancel_requested": True}
+    signal_worker(p, "w1", signal.SIGCONT)
+
+    settled(c, job, "cancelled", ["cancelled"])
+    assert gone(pid)
+    assert f"worker w1 still runs job {job}; kept" in p.log("broker")
+    assert (out / "CANCELLED").exists()
+
+
 def test_broker_restarted_twice_while_a_job_runs(processes):
     """A worker rides out two broker restarts with its job: one attempt,
     one success."""
