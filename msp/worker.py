@@ -203,9 +203,16 @@ class Worker:
         self._poller.unregister(self._sock)
         self._sock.close(linger=0)
         self._sock = None
-        self._reconnect_at = now + self._delay
+        delay = self._delay
+        if self._assignment is not None or self._result is not None:
+            # A restarted broker waits three liveness periods for the
+            # worker of a running job before it runs the job again: one
+            # that holds a job (or its result) knocks at least once a
+            # period, whatever its back-off has grown to.
+            delay = min(delay, self.period)
+        self._reconnect_at = now + delay
         log.warning("worker %s: broker at %s silent; reconnecting in %.1f s",
-                    self.name, self.config.broker, self._delay)
+                    self.name, self.config.broker, delay)
         self._delay = min(self._delay * 2, self.config.reconnect_max)
 
     def _send(self, command: bytes, body: dict | None = None) -> None:

