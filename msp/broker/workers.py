@@ -45,6 +45,9 @@ class Peer:
     draining: bool = False
     jobs_done: int = 0
     progress: float | None = None
+    # Given a fresh period after a stall of the broker's, and not heard
+    # from since: the next stall gives it nothing more.
+    graced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,8 @@ class WorkerHandler:
         # job id -> (token, deadline).
         self.orphans: dict[int, tuple[str, float]] = {}
         self._last_tick: float | None = None
+        # Orphans given a fresh wait after a stall (once each).
+        self._graced_orphans: set[int] = set()
         self._handlers = {
             protocol.READY: self._ready,
             protocol.HEARTBEAT: self._heartbeat,
@@ -145,6 +150,7 @@ class WorkerHandler:
         if peer is not None:
             peer.expires = now + self.period
             peer.last_seen = wall
+            peer.graced = False
         handler = self._handlers[msg.command]
         if msg.command == protocol.HEARTBEAT:
             handler(identity, peer, msg.body, now, wall)
@@ -224,6 +230,7 @@ class WorkerHandler:
         peer.job_since = now
         if valid:
             self.orphans.pop(job, None)
+            self._graced_orphans.discard(job)
             self.by_job[job] = peer.identity
             peer.attempt = row["attempts"]
             log.info("worker %s still runs job %d; kept", peer.name, job)
@@ -383,14 +390,21 @@ class WorkerHandler:
             # The broker itself was not running (stopped, swapped out, a
             # long commit): what the workers said meanwhile is still
             # unread, so their silence proves nothing yet. Give each a
-            # fresh period to be heard before judging it.
+            # fresh period to be heard before judging it; once only until
+            # it is heard, or a broker late at every tick would never give
+            # up a dead worker.
             log.warning("broker stalled for %.1f s; workers get a fresh "
                         "%.1f s to be heard", now - last, self.period)
             for peer in self.peers.values():
-                peer.expires = max(peer.expires, now + self.period)
+                if not peer.graced:
+                    peer.graced = True
+                    peer.expires = max(peer.expires, now + self.period)
             for job_id, (token, deadline) in self.orphans.items():
-                self.orphans[job_id] = (token, max(deadline,
-                                                   now + self.period))
+                if job_id not in self._graced_orphans:
+                    self._graced_orphans.add(job_id)
+                    self.orphans[job_id] = (
+                        token, max(deadline, now + self.period)
+                    )
         for peer in list(self.peers.values()):
             if peer.expires <= now:
                 log.warning(
@@ -403,6 +417,7 @@ class WorkerHandler:
         for job_id, (token, deadline) in list(self.orphans.items()):
             if deadline <= now:
                 del self.orphans[job_id]
+                self._graced_orphans.discard(job_id)
                 self._lose(job_id, token, wall, "its worker never came back")
 
     def dispatch(self, now: float, wall: float) -> None:
