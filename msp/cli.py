@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import config as msp_config
+from . import keys
 from .client import FINAL_STATES, Client
 from .errors import (
     AuthError,
@@ -70,6 +71,9 @@ user_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(user_app, name="user")
+keys_app = typer.Typer(help="CURVE key pairs for encrypted, authenticated "
+                       "connections.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -173,7 +177,8 @@ def client(need_login: bool = True) -> Client:
     if need_login and not token:
         raise AuthError("not logged in; run 'mspctl login' first")
     return Client(cfg.client.broker, token=token, timeout=cfg.client.timeout,
-                  retries=cfg.client.retries)
+                  retries=cfg.client.retries,
+                  curve=keys.client_curve(cfg.client))
 
 
 def _save_token(cfg, token: str) -> Path:
@@ -257,6 +262,11 @@ def submit(
     timeout: Optional[float] = typer.Option(
         None, help="Wall-clock seconds an attempt may run."),
     name: Optional[str] = typer.Option(None, help="A name to show."),
+    cpu: Optional[float] = typer.Option(
+        None, help="CPU seconds an attempt may use (default: the worker's)."),
+    memory: Optional[int] = typer.Option(
+        None, help="MiB of memory an attempt may map (default: the "
+        "worker's)."),
     wait: bool = typer.Option(False, "--wait", "-w",
                               help="Wait for the job to end."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -269,7 +279,7 @@ def submit(
     with client() as c:
         job = c.submit(str(script), str(data), str(output), args or [],
                        priority=priority, attempts=attempts,
-                       timeout=timeout, name=name)
+                       timeout=timeout, name=name, cpu=cpu, memory=memory)
         if not wait:
             if as_json:
                 _print_json({"job": job})
@@ -570,15 +580,35 @@ def user_add(
     password: Optional[str] = typer.Option(
         None, "--password", envvar="MSP_NEW_PASSWORD",
         help="Password (default: asked for)."),
+    credit_limit: Optional[float] = typer.Option(
+        None, help="Most the user may be charged in a month; then submits "
+        "are refused."),
 ):
     """Create a user (admins only).
 
-    Example: mspctl user add alice --role user
+    Example: mspctl user add alice --role user --credit-limit 50
     """
     password = _new_password(password, f"password for {name}: ")
     with client() as c:
-        reply = c.user_add(name, password, role)
+        reply = c.user_add(name, password, role, credit_limit)
     out.print(f"user [bold]{reply['user']}[/] added ({reply['role']})")
+
+
+@user_app.command("limit")
+def user_limit(
+    name: str = typer.Argument(..., help="The user."),
+    amount: Optional[float] = typer.Argument(
+        None, help="Monthly credit limit; leave out to remove it."),
+):
+    """Set or remove a user's monthly credit limit (admins only).
+
+    Example: mspctl user limit alice 100
+    """
+    with client() as c:
+        reply = c.user_set(name, amount)
+    limit = reply["credit_limit"]
+    out.print(f"user {name}: " + ("no credit limit" if limit is None
+                                  else f"credit limit {limit:g} a month"))
 
 
 @user_app.command("list")
@@ -593,10 +623,12 @@ def user_list(as_json: bool = typer.Option(False, "--json")):
         _print_json(users)
         return
     table = Table()
-    for col in ("user", "role", "disabled", "created"):
+    for col in ("user", "role", "disabled", "credit limit", "created"):
         table.add_column(col)
     for u in users:
+        limit = u.get("credit_limit")
         table.add_row(u["user"], u["role"], "yes" if u["disabled"] else "",
+                      "-" if limit is None else f"{limit:g}",
                       when(u["created_at"]))
     out.print(table)
 
@@ -628,6 +660,146 @@ def user_passwd(
     with client() as c:
         c.passwd(password, name)
     out.print("password changed")
+
+
+@app.command()
+def audit(
+    event: Optional[str] = typer.Option(None, help="Only this event."),
+    actor: Optional[str] = typer.Option(None, help="Only by this user."),
+    since: Optional[float] = typer.Option(
+        None, help="Only the last SINCE hours."),
+    limit: int = typer.Option(50, "--limit", "-n", help="At most this many."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Show recent security events, newest first (admins only).
+
+    Example: mspctl audit --event login_failed --since 24
+    """
+    start = None if since is None else time.time() - since * 3600
+    with client() as c:
+        entries = c.audit(event, actor, start, limit)
+    if as_json:
+        _print_json(entries)
+        return
+    table = Table()
+    for col in ("when", "event", "by", "detail"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        detail = " ".join(f"{k}={v}" for k, v in e["detail"].items()
+                          if v not in (None, ""))
+        table.add_row(when(e["at"]), e["event"], e["actor"] or "-", detail)
+    out.print(table)
+
+
+def _day(text: str, option: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise fail(f"{option} {text!r}: expected a date like 2024-05-31",
+                   EXIT_USAGE) from None
+
+
+@app.command("billing")
+def billing_cmd(
+    user: Optional[str] = typer.Option(
+        None, "--user", "-u", help="This user's statement (admins)."),
+    all_users: bool = typer.Option(False, "--all",
+                                   help="Every user's jobs (admins)."),
+    since: Optional[str] = typer.Option(
+        None, help="First day, YYYY-MM-DD (default: the 1st of this month)."),
+    until: Optional[str] = typer.Option(
+        None, help="Last day, YYYY-MM-DD, included (default: now)."),
+    fmt: str = typer.Option("table", "--format", "-f",
+                            help="table, csv or json."),
+):
+    """A statement: each job's attempts, usage and cost in a period.
+
+    Example: mspctl billing --since 2024-05-01 --until 2024-05-31 -f csv
+    """
+    if fmt not in ("table", "csv", "json"):
+        raise fail(f"--format {fmt!r}: one of table, csv, json", EXIT_USAGE)
+    if user and all_users:
+        raise fail("--user and --all exclude each other", EXIT_USAGE)
+    start = None if since is None else _day(since, "--since").timestamp()
+    end = None
+    if until is not None:
+        end = (_day(until, "--until") + timedelta(days=1)).timestamp()
+    with client() as c:
+        bill = c.billing(user, start, end, all_users)
+    if fmt == "json":
+        _print_json(bill)
+    elif fmt == "csv":
+        _print_billing_csv(bill)
+    else:
+        _print_billing_table(bill)
+
+
+BILL_COLUMNS = ("job", "user", "name", "attempts", "cpu_seconds",
+                "wall_seconds", "peak_mb", "cost")
+
+
+def _print_billing_csv(bill: dict) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow([*BILL_COLUMNS, "currency"])
+    for line in bill["jobs"]:
+        writer.writerow([
+            line["job"], line["user"], line["name"] or
+            Path(line["script"]).name, line["attempts"],
+            f"{line['cpu_seconds']:.3f}", f"{line['wall_seconds']:.3f}",
+            f"{line['peak_mb']:.1f}", f"{line['cost']:.6f}",
+            bill["currency"],
+        ])
+    t = bill["totals"]
+    writer.writerow([
+        "total", "", "", t["attempts"], f"{t['cpu_seconds']:.3f}",
+        f"{t['wall_seconds']:.3f}", f"{t['peak_mb']:.1f}",
+        f"{t['cost']:.6f}", bill["currency"],
+    ])
+
+
+def _print_billing_table(bill: dict) -> None:
+    who = bill["user"] or "all users"
+    out.print(f"statement for [bold]{who}[/], {when(bill['since'])} to "
+              f"{when(bill['until'])} ({bill['currency']})", highlight=False)
+    table = Table()
+    for col in ("job", "user", "name / script", "attempts", "cpu s",
+                "wall s", "peak MB", "cost"):
+        table.add_column(col, justify="right" if col in (
+            "attempts", "cpu s", "wall s", "peak MB", "cost") else "left")
+    for line in bill["jobs"]:
+        table.add_row(
+            str(line["job"]), line["user"],
+            line["name"] or Path(line["script"]).name,
+            str(line["attempts"]), f"{line['cpu_seconds']:.2f}",
+            f"{line['wall_seconds']:.2f}", f"{line['peak_mb']:.0f}",
+            f"{line['cost']:.4f}",
+        )
+    t = bill["totals"]
+    table.add_section()
+    table.add_row("total", "", f"{t['jobs']} job(s)", str(t["attempts"]),
+                  f"{t['cpu_seconds']:.2f}", f"{t['wall_seconds']:.2f}",
+                  f"{t['peak_mb']:.0f}", f"{t['cost']:.4f}")
+    out.print(table)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    name: str = typer.Argument(..., help="Whose keys: broker, a worker, "
+                               "a user."),
+    directory: Path = typer.Option(..., "--dir", "-d",
+                                   help="Folder to write them to."),
+    force: bool = typer.Option(False, help="Overwrite existing files."),
+):
+    """Write a CURVE key pair: NAME.key (public) and NAME.key_secret
+    (secret, mode 0600).
+
+    Example: mspctl keys generate worker-1 --dir /etc/msp/keys
+    """
+    public, secret = keys.generate(directory, name, force=force)
+    out.print(f"public key: {public}\nsecret key: {secret} (keep it "
+              "private)", highlight=False)
 
 
 # Servers.
@@ -664,7 +836,7 @@ def broker(
         "events_endpoint": events_endpoint, "data_dir": data_dir,
         "store": store, "allowed_roots": allowed_root or None,
     })
-    server = Broker(cfg.broker,
+    server = Broker(cfg.broker, billing=cfg.billing,
                     admin_password=os.environ.get("MSP_ADMIN_PASSWORD"))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())

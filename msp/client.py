@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol
+from . import keys, protocol
 from .errors import BrokerUnavailable, ConfigError, ProtocolError, from_wire
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.context = context or zmq.Context.instance()
+        # CURVE keys {"public", "secret", "server"} (see msp.keys), or None.
         self.curve = curve
         self._sock: zmq.Socket | None = None
 
@@ -67,10 +68,7 @@ class Client:
         :meth:`decode` (the monitor)."""
         sock = self.context.socket(zmq.REQ)
         sock.linger = 0
-        if self.curve:
-            sock.curve_secretkey = self.curve["secret"]
-            sock.curve_publickey = self.curve["public"]
-            sock.curve_serverkey = self.curve["server"]
+        keys.apply_client(sock, self.curve)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -151,8 +149,10 @@ class Client:
                args: list[str] | tuple = (), *, priority: int = 0,
                attempts: int | None = None, timeout: float | None = None,
                name: str | None = None,
-               request_id: str | None = None) -> int:
+               request_id: str | None = None, cpu: float | None = None,
+               memory: int | None = None) -> int:
         """Queue a job; return its id. Paths are made absolute here.
+        ``cpu`` (seconds) and ``memory`` (MiB) ask for limits of its own.
 
         A caller that tries again after :class:`BrokerUnavailable` passes
         the same ``request_id`` (1 to 64 characters) each time, so that
@@ -170,6 +170,10 @@ class Client:
         }
         if attempts is not None:
             body["attempts"] = attempts
+        if cpu is not None:
+            body["cpu"] = cpu
+        if memory is not None:
+            body["memory"] = memory
         return self._authed("SUBMIT", body)["job"]
 
     def status(self, job: int) -> dict:
@@ -203,9 +207,16 @@ class Client:
         return self._authed("LOGS", {"job": job, "stream": stream,
                                      "offset": offset, "limit": limit})
 
-    def user_add(self, user: str, password: str, role: str = "user") -> dict:
+    def user_add(self, user: str, password: str, role: str = "user",
+                 credit_limit: float | None = None) -> dict:
         return self._authed("USER_ADD", {"user": user, "password": password,
-                                         "role": role})
+                                         "role": role,
+                                         "credit_limit": credit_limit})
+
+    def user_set(self, user: str, credit_limit: float | None) -> dict:
+        """Set (or with None remove) a user's monthly credit limit."""
+        return self._authed("USER_SET", {"user": user,
+                                         "credit_limit": credit_limit})
 
     def users(self) -> list[dict]:
         return self._authed("USER_LIST")["users"]
@@ -218,6 +229,21 @@ class Client:
 
     def stats(self) -> dict:
         return self._authed("STATS")
+
+    def billing(self, user: str | None = None, since: float | None = None,
+                until: float | None = None, all_users: bool = False) -> dict:
+        """A statement of usage and cost; the default period is this
+        month, the default user the caller."""
+        body: dict[str, Any] = {"user": user, "since": since, "until": until}
+        if all_users:
+            body["all"] = True
+        return self._authed("BILLING", body)
+
+    def audit(self, event: str | None = None, actor: str | None = None,
+              since: float | None = None, limit: int = 100) -> list[dict]:
+        """Recent audit entries, newest first (admins)."""
+        return self._authed("AUDIT", {"event": event, "actor": actor,
+                                      "since": since, "limit": limit})["entries"]
 
 
 class Events:
@@ -236,11 +262,14 @@ class Events:
     """
 
     def __init__(self, endpoint: str, topics=("",), *,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None,
+                 curve: dict | None = None):
         self.endpoint = endpoint
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.SUB)
         self.socket.linger = 0
+        # A CURVE broker publishes to keyed subscribers only (msp.keys).
+        keys.apply_client(self.socket, curve)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         for topic in topics:
             self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)

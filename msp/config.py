@@ -19,6 +19,12 @@ from typing import Any, Mapping, get_type_hints
 
 from .errors import ConfigError
 
+# The environment variables a script may see unless [worker] env_allow says.
+ENV_ALLOW = (
+    "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER",
+    "LOGNAME",
+)
+
 
 @dataclass
 class BrokerConfig:
@@ -45,6 +51,27 @@ class BrokerConfig:
     sqlite_synchronous: str = "FULL"
     # Cost of the password hash (argon2 time_cost); tests lower it.
     hash_time_cost: int = 3
+    # Failed logins: after `login_throttle_after` failures of one user
+    # name (or `login_throttle_peer_after` from one address) within
+    # `login_throttle_window` seconds, logins are refused for a delay that
+    # starts at `login_throttle_delay` and doubles up to the max.
+    login_throttle_after: int = 5
+    login_throttle_peer_after: int = 20
+    login_throttle_window: float = 900.0
+    login_throttle_delay: float = 1.0
+    login_throttle_max: float = 300.0
+    # The most CPU seconds and memory (MiB) a job may ask for; 0: no cap.
+    max_job_cpu: float = 0.0
+    max_job_memory_mb: int = 0
+    # ZeroMQ CURVE: the broker's secret certificate turns it on for the
+    # tcp endpoints; clients and workers must then hold a key whose public
+    # certificate is in curve_allowed_keys_dir (or, for the worker endpoint,
+    # in curve_worker_keys_dir when that is set).
+    curve_secret_key_file: str = ""
+    curve_allowed_keys_dir: str = ""
+    curve_worker_keys_dir: str = ""
+    # Leave tcp endpoints on loopback addresses plain when CURVE is on.
+    curve_plain_loopback: bool = False
 
 
 @dataclass
@@ -61,6 +88,21 @@ class WorkerConfig:
     secret: str = ""
     executor: str = "subprocess"
     max_message_size: int = 1 << 20
+    # Variables of the worker's environment a script may see.
+    env_allow: list[str] = field(default_factory=lambda: list(ENV_ALLOW))
+    # When the worker runs as root: the user ("name" or "name:group")
+    # scripts run as. Empty: the worker's own user.
+    run_as: str = ""
+    # Limits of each script: CPU seconds and memory (MiB, address space)
+    # when the job asks for none; open files; bytes of any file it writes,
+    # its logs included (MiB). 0: no limit.
+    cpu_limit: float = 0.0
+    memory_limit_mb: int = 0
+    files_limit: int = 1024
+    output_limit_mb: int = 0
+    # CURVE: this worker's secret certificate and the broker's public one.
+    curve_secret_key_file: str = ""
+    curve_server_key_file: str = ""
 
     def __post_init__(self):
         if not self.name:
@@ -74,6 +116,24 @@ class ClientConfig:
     timeout: float = 5.0
     retries: int = 3
     token_file: str = "~/.config/msp/token"
+    # CURVE: this client's secret certificate and the broker's public one.
+    curve_secret_key_file: str = ""
+    curve_server_key_file: str = ""
+
+
+@dataclass
+class BillingConfig:
+    """The price plan: what an attempt's usage costs."""
+
+    currency: str = "EUR"
+    per_cpu_second: float = 0.0
+    per_wall_second: float = 0.0
+    # Charged once per job, with the attempt that ends it.
+    per_job: float = 0.0
+    # Per GiB of peak memory held for an hour of wall time.
+    per_gb_hour: float = 0.0
+    # Whether failed (and timed-out) attempts are charged; lost ones never.
+    charge_failed: bool = True
 
 
 @dataclass
@@ -81,9 +141,10 @@ class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    billing: BillingConfig = field(default_factory=BillingConfig)
 
 
-SECTIONS = ("broker", "worker", "client")
+SECTIONS = ("broker", "worker", "client", "billing")
 
 
 def load(
@@ -126,6 +187,7 @@ def load(
             "broker": BrokerConfig,
             "worker": WorkerConfig,
             "client": ClientConfig,
+            "billing": BillingConfig,
         }[name]
         values = dict(raw.get(name, {}))
         values.update(_from_env(name, cls, env))
@@ -214,6 +276,39 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             "[broker] sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA"
         )
+    if b.login_throttle_after < 1 or b.login_throttle_peer_after < 1:
+        raise ConfigError("[broker] login_throttle_after and "
+                          "login_throttle_peer_after must be at least 1")
+    if b.login_throttle_delay <= 0 or \
+            b.login_throttle_max < b.login_throttle_delay:
+        raise ConfigError("[broker] login_throttle_delay must be > 0 and "
+                          "at most login_throttle_max")
+    for where, values in (
+        ("broker", {"max_job_cpu": b.max_job_cpu,
+                    "max_job_memory_mb": b.max_job_memory_mb}),
+        ("worker", {"cpu_limit": w.cpu_limit,
+                    "memory_limit_mb": w.memory_limit_mb,
+                    "files_limit": w.files_limit,
+                    "output_limit_mb": w.output_limit_mb}),
+    ):
+        for key, value in values.items():
+            if value < 0:
+                raise ConfigError(f"[{where}] {key} must be >= 0 (0: none)")
+    for key, value in dataclasses.asdict(config.billing).items():
+        if isinstance(value, float) and value < 0:
+            raise ConfigError(f"[billing] {key} must be >= 0")
+    if bool(b.curve_allowed_keys_dir or b.curve_worker_keys_dir) and \
+            not b.curve_secret_key_file:
+        raise ConfigError("[broker] curve_allowed_keys_dir needs "
+                          "curve_secret_key_file")
+    for where, section in (("worker", w), ("client", config.client)):
+        if bool(section.curve_secret_key_file) != bool(
+            section.curve_server_key_file
+        ):
+            raise ConfigError(
+                f"[{where}] curve_secret_key_file and curve_server_key_file "
+                "go together"
+            )
 
 
 def store_url(broker: BrokerConfig) -> str:

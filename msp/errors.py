@@ -59,6 +59,12 @@ class LimitError(MspError):
     code = "limit"
 
 
+class ThrottledError(AuthError):
+    """Too many failed logins: the broker refuses more for a while."""
+
+    code = "throttled"
+
+
 class BrokerUnavailable(MspError, ConnectionError):
     """The broker did not answer within the client's retries."""
 
@@ -76,6 +82,7 @@ BY_CODE = {
         PathError,
         ConflictError,
         LimitError,
+        ThrottledError,
     )
 }
 

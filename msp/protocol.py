@@ -80,6 +80,8 @@ CLIENT_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
         "attempts": (_INT, False),
         "timeout": (_NUM + _NONE, False),
         "name": (_STR + _NONE, False),
+        "cpu": (_NUM + _NONE, False),
+        "memory": (_INT + _NONE, False),
     },
     b"STATUS": {"token": (_STR, True), "job": (_INT, True)},
     b"WAIT": {
@@ -107,11 +109,31 @@ CLIENT_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
         "user": (_STR, True),
         "password": (_STR, True),
         "role": (_STR, False),
+        "credit_limit": (_NUM + _NONE, False),
     },
     b"USER_LIST": {"token": (_STR, True)},
+    b"USER_SET": {
+        "token": (_STR, True),
+        "user": (_STR, True),
+        "credit_limit": (_NUM + _NONE, True),
+    },
     b"USER_DISABLE": {"token": (_STR, True), "user": (_STR, True)},
     b"WORKERS": {"token": (_STR, True)},
     b"STATS": {"token": (_STR, True)},
+    b"BILLING": {
+        "token": (_STR, True),
+        "user": (_STR + _NONE, False),
+        "all": (_BOOL, False),
+        "since": (_NUM + _NONE, False),
+        "until": (_NUM + _NONE, False),
+    },
+    b"AUDIT": {
+        "token": (_STR, True),
+        "event": (_STR + _NONE, False),
+        "actor": (_STR + _NONE, False),
+        "since": (_NUM + _NONE, False),
+        "limit": (_INT, False),
+    },
 }
 
 WORKER_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
@@ -153,6 +175,9 @@ BROKER_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
         "data": (_STR, True),
         "output": (_STR, True),
         "timeout": (_NUM + _NONE, False),
+        # Limits the job asked for: CPU seconds, memory in MiB.
+        "cpu": (_NUM + _NONE, False),
+        "memory": (_INT + _NONE, False),
     },
     HEARTBEAT: {},
     CANCEL: {

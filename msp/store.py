@@ -80,6 +80,9 @@ def define_models(db: pw.Database) -> SimpleNamespace:
         failures = pw.IntegerField(default=0)
         lost = pw.IntegerField(default=0)
         timeout = pw.DoubleField(null=True)
+        # Limits the job asked for: CPU seconds, memory in MiB.
+        cpu_limit = pw.DoubleField(null=True)
+        memory_limit_mb = pw.IntegerField(null=True)
         submitted_at = pw.DoubleField()
         started_at = pw.DoubleField(null=True)
         finished_at = pw.DoubleField(null=True)
@@ -149,7 +152,8 @@ def define_models(db: pw.Database) -> SimpleNamespace:
 JOB_COLUMNS = (
     "id", "user_id", "request_id", "name", "script", "args", "data_dir",
     "output_dir", "priority", "state", "max_attempts", "attempts",
-    "failures", "lost", "timeout", "submitted_at", "started_at",
+    "failures", "lost", "timeout", "cpu_limit", "memory_limit_mb",
+    "submitted_at", "started_at",
     "finished_at", "not_before", "token", "worker", "cancel_requested",
     "progress", "exit_code", "error",
 )
@@ -215,6 +219,7 @@ class Store:
         if schema and isinstance(self.db, pw.PostgresqlDatabase):
             self.db.execute_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         self.db.create_tables(self.m.all, safe=True)
+        self._add_missing_columns()
         self.db.execute_sql(
             "CREATE INDEX IF NOT EXISTS msp_job_queue "
             "ON msp_job (state, priority DESC, id)"
@@ -230,6 +235,24 @@ class Store:
         )
         self.sql = _Sql(self.db.param)
 
+    def _add_missing_columns(self) -> None:
+        """Add the columns a newer msp defines to tables an older one made
+        (nullable columns only, so rows already stored stay valid)."""
+        from playhouse.migrate import SchemaMigrator, migrate
+
+        migrator, steps = SchemaMigrator.from_database(self.db), []
+        for model in self.m.all:
+            table = model._meta.table_name
+            have = {c.name for c in self.db.get_columns(table)}
+            for fld in model._meta.sorted_fields:
+                if fld.column_name not in have and fld.null:
+                    steps.append(
+                        migrator.add_column(table, fld.column_name, fld)
+                    )
+        if steps:
+            log.info("adding %d column(s) to the store's tables", len(steps))
+            migrate(*steps)
+
     def close(self) -> None:
         if not self.db.is_closed():
             self.db.close()
@@ -244,6 +267,7 @@ class Store:
     # Users and sessions.
 
     def add_user(self, name, password_hash, role, now, credit_limit=None):
+        """Create a user; its id, or None when the name is taken."""
         try:
             with self.db.atomic():
                 return self.m.User.create(
@@ -267,6 +291,11 @@ class Store:
 
     def set_password(self, user_id: int, password_hash: str) -> None:
         self.m.User.update(password_hash=password_hash).where(
+            self.m.User.id == user_id
+        ).execute()
+
+    def set_credit_limit(self, user_id: int, limit: float | None) -> None:
+        self.m.User.update(credit_limit=limit).where(
             self.m.User.id == user_id
         ).execute()
 
@@ -302,8 +331,24 @@ class Store:
     def audit(self, now: float, event: str, actor: str | None, **detail):
         self.m.Audit.create(
             at=now, event=event, actor=actor,
-            detail=json.dumps(detail, sort_keys=True),
+            detail=json.dumps(detail, sort_keys=True, default=str),
         )
+
+    def audit_entries(self, limit=100, event=None, actor=None, since=None):
+        """The newest audit entries first."""
+        A = self.m.Audit
+        query = A.select().order_by(A.id.desc()).limit(limit)
+        if event is not None:
+            query = query.where(A.event == event)
+        if actor is not None:
+            query = query.where(A.actor == actor)
+        if since is not None:
+            query = query.where(A.at >= since)
+        return [
+            {"id": a.id, "at": a.at, "event": a.event, "actor": a.actor,
+             "detail": json.loads(a.detail or "{}")}
+            for a in query
+        ]
 
     # Jobs.
 
@@ -321,6 +366,7 @@ class Store:
             data_dir=spec["data"], output_dir=spec["output"],
             priority=spec.get("priority", 0),
             max_attempts=spec["attempts"], timeout=spec.get("timeout"),
+            cpu_limit=spec.get("cpu"), memory_limit_mb=spec.get("memory"),
             submitted_at=now,
         )
         return job.id, True
@@ -463,9 +509,11 @@ class Store:
 
     # Figures for the monitor and billing.
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, user_id: int | None = None) -> dict[str, int]:
         Job = self.m.Job
         query = Job.select(Job.state, pw.fn.COUNT(Job.id)).group_by(Job.state)
+        if user_id is not None:
+            query = query.where(Job.user == user_id)
         counts = dict.fromkeys(JOB_STATES, 0)
         counts.update(dict(query.tuples()))
         return counts
@@ -516,6 +564,16 @@ class Store:
             for name, jobs, attempts, cpu, wall in query.tuples()
         ]
 
+    def charges(self, user_id: int, since: float) -> float:
+        """What the user's attempts that ended since ``since`` cost."""
+        A, J = self.m.Attempt, self.m.Job
+        total = (
+            A.select(pw.fn.SUM(A.cost)).join(J)
+            .where((J.user == user_id) & (A.ended_at >= since))
+            .scalar()
+        )
+        return float(total or 0.0)
+
     def usage(self, since: float, until: float, user_id=None) -> list[dict]:
         """Attempts that ended in [since, until), with job and user."""
         query = (
@@ -541,7 +599,8 @@ class Store:
                 "outcome": a.outcome, "wall_seconds": a.wall_seconds,
                 "cpu_user": a.cpu_user, "cpu_system": a.cpu_system,
                 "max_rss_kb": a.max_rss_kb, "cost": a.cost,
-                "ended_at": a.ended_at, "worker": a.worker,
+                "started_at": a.started_at, "ended_at": a.ended_at,
+                "worker": a.worker,
             })
         return rows
 

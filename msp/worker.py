@@ -24,7 +24,7 @@ from typing import Callable
 
 import zmq
 
-from . import outputs, protocol
+from . import keys, outputs, protocol
 from .config import WorkerConfig
 from .errors import MspError, ProtocolError
 from .executor import (
@@ -49,7 +49,7 @@ def make_executor(config: WorkerConfig):
         from .forkserver import ForkExecutor
 
         return ForkExecutor(config.python, kill_grace=config.kill_grace)
-    return SubprocessExecutor(config.python, kill_grace=config.kill_grace)
+    return SubprocessExecutor.from_config(config)
 
 
 class Worker:
@@ -60,6 +60,7 @@ class Worker:
         self.config = config
         self.name = config.name
         self.context = context or zmq.Context.instance()
+        self.curve = keys.client_curve(config)
         self.executor = executor or make_executor(config)
         self.clock = clock
         self.period = config.heartbeat_interval * config.liveness
@@ -173,6 +174,7 @@ class Worker:
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size + 4096)
+        keys.apply_client(sock, self.curve)
         sock.connect(self.config.broker)
         self._sock = sock
         self._poller.register(sock, zmq.POLLIN)
@@ -346,7 +348,8 @@ class Worker:
             job=body["job"], token=body["token"], attempt=body["attempt"],
             script=body["script"], args=[str(x) for x in body["args"]],
             data=body["data"], output=body["output"],
-            timeout=body.get("timeout"),
+            timeout=body.get("timeout"), cpu=body.get("cpu"),
+            memory=body.get("memory"),
         )
         self._assignment = a
         self._progress_pos, self._progress_value = 0, None

@@ -127,11 +127,13 @@ def broker_config(root: Path, transport: str = "tcp", **overrides):
 def make_cluster(tmp_path):
     made = []
 
-    def make(transport="tcp", workers=1, **overrides) -> Cluster:
+    def make(transport="tcp", workers=1, billing=None,
+             **overrides) -> Cluster:
         root = tmp_path / f"c{len(made)}"
         root.mkdir()
         cfg = broker_config(root, transport, **overrides)
-        broker = Broker(cfg, admin_password=ADMIN_PASSWORD).start()
+        broker = Broker(cfg, admin_password=ADMIN_PASSWORD,
+                        billing=billing).start()
         cluster = Cluster(root=root, broker=broker)
         made.append(cluster)
         for _ in range(workers):

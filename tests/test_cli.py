@@ -25,15 +25,18 @@ def test_every_command_has_an_example():
     runner = CliRunner()
     commands = ("login", "logout", "submit", "status", "list", "cancel",
                 "logs", "wait", "workers", "stats", "monitor", "broker",
-                "worker")
+                "worker", "audit", "billing")
     for command in commands:
         result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
         assert "Example: mspctl" in result.output, command
-    for command in ("add", "list", "disable", "passwd"):
+    for command in ("add", "list", "disable", "passwd", "limit"):
         result = runner.invoke(app, ["user", command, "--help"],
                                env={"COLUMNS": "200"})
         assert "Example: mspctl user" in result.output, command
+    result = runner.invoke(app, ["keys", "generate", "--help"],
+                           env={"COLUMNS": "200"})
+    assert "Example: mspctl keys generate" in result.output
 
 
 def test_a_user_session_from_login_to_logs(processes):

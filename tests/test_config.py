@@ -284,7 +284,7 @@ def test_unknown_section(tmp_path):
     message = _error(path, env={})
     assert message == (
         f"config file {path}: unknown section(s) ['brokr']; "
-        "expected ['broker', 'worker', 'client']"
+        "expected ['broker', 'worker', 'client', 'billing']"
     )
 
 

@@ -666,7 +666,8 @@ def test_usage_in_the_window(store, billed):
         "job": billed["a1"], "user": "alice", "name": "first",
         "script": "/r/a.py", "number": 1, "outcome": "succeeded",
         "wall_seconds": 10.0, "cpu_user": 8.0, "cpu_system": 1.0,
-        "max_rss_kb": 512, "cost": 1.5, "ended_at": 110.0, "worker": "w1",
+        "max_rss_kb": 512, "cost": 1.5, "started_at": 100.0,
+        "ended_at": 110.0, "worker": "w1",
     }
     assert rows[1]["wall_seconds"] is None and rows[1]["cost"] is None
 

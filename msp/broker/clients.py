@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .. import auth, outputs, paths, protocol
+from .. import auth, billing, outputs, paths, protocol
 from ..errors import (
-    AuthError, ConflictError, ForbiddenError, MspError, NotFoundError,
-    ProtocolError,
+    AuthError, ConflictError, ForbiddenError, LimitError, MspError,
+    NotFoundError, ProtocolError, ThrottledError,
 )
 from ..store import FINAL_STATES, JOB_STATES
+from .throttle import LoginThrottle, seconds
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ MAX_WAIT = 60.0
 MAX_TIMEOUT = 30 * 86400.0
 MAX_LIST = 1000
 MAX_LOG_CHUNK = 256 * 1024
+MAX_AUDIT = 1000
+MAX_CREDIT = 1e12
 SESSION_CACHE = 10_000
 # Jobs in a STATS snapshot, newest first; and minutes of throughput.
 RECENT = 20
@@ -58,6 +61,14 @@ class ClientHandler:
         self._waiters: dict[int, list[tuple[bytes, float]]] = {}
         # Password hashing is slow on purpose; it runs off the loop.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="msp-hash")
+        c = self.config
+        self.throttle = LoginThrottle(
+            c.login_throttle_after, c.login_throttle_peer_after,
+            c.login_throttle_window, c.login_throttle_delay,
+            c.login_throttle_max,
+        )
+        # The address of the peer whose message is being handled.
+        self._peer = ""
         self._commands = {
             b"PING": self._ping,
             b"LOGIN": self._login,
@@ -72,8 +83,11 @@ class ClientHandler:
             b"USER_ADD": self._user_add,
             b"USER_LIST": self._user_list,
             b"USER_DISABLE": self._user_disable,
+            b"USER_SET": self._user_set,
             b"WORKERS": self._workers,
             b"STATS": self._stats,
+            b"BILLING": self._billing,
+            b"AUDIT": self._audit,
         }
 
     def close(self) -> None:
@@ -81,7 +95,9 @@ class ClientHandler:
 
     # Framing.
 
-    def handle(self, frames: list[bytes], now: float, wall: float) -> None:
+    def handle(self, frames: list[bytes], now: float, wall: float,
+               peer: str = "") -> None:
+        self._peer = peer
         if len(frames) < 2:
             log.warning("dropped a client message of %d frame(s)", len(frames))
             return
@@ -182,7 +198,9 @@ class ClientHandler:
 
     def _offload(self, identity: bytes, slow, then) -> None:
         """Run ``slow()`` off the loop, then ``then(result)`` in a turn of
-        its own, replying with what it returns (or its error)."""
+        its own, replying with what it returns: a body, or an MspError to
+        refuse with while keeping its writes (an error it raises rolls
+        them back)."""
 
         def done(future):
             try:
@@ -191,10 +209,15 @@ class ClientHandler:
                     body = then(result, self.broker.wall())
             except MspError as exc:
                 self._reply_err(identity, exc.code, exc.message)
+                return
             except Exception:
                 log.exception("unexpected error finishing a request")
                 self._reply_err(identity, "internal",
                                 "the broker failed; see its log")
+                return
+            if isinstance(body, MspError):
+                # Refused, but what ``then`` wrote (the audit) stays.
+                self._reply_err(identity, body.code, body.message)
             else:
                 self.reply(identity, body)
 
@@ -208,33 +231,54 @@ class ClientHandler:
 
     def _login(self, identity, caller, body, now, wall):
         name, password = body["user"], body["password"]
+        peer, throttle = self._peer, self.throttle
+        left = throttle.retry_after(name, peer, now)
+        if left > 0:
+            log.debug("login for %r from %s refused: throttled", name[:64],
+                      peer or "a local peer")
+            raise ThrottledError(
+                f"too many failed logins; retry in {seconds(left)} s"
+            )
         user = self.broker.store.user(name) if len(name) <= 64 else None
         stored_hash = None if user is None else user.password_hash
         passwords = self.broker.passwords
+        throttle.begin(name, peer, now)
 
         def then(ok, wall):
             # Same answer for an unknown user and a wrong password.
             if not ok or user is None or user.disabled:
-                self.broker.store.audit(wall, "login_failed", name[:64])
-                log.info("failed login for %r", name[:64])
-                raise AuthError("wrong user name or password")
+                blocked = throttle.failed(name, peer, self.broker.clock())
+                self.broker.audit(wall, "login_failed", name[:64],
+                                  address=peer)
+                for key in blocked:
+                    self.broker.audit(wall, "login_throttled", name[:64],
+                                      address=peer, **key)
+                return AuthError("wrong user name or password")
+            throttle.succeeded(name, peer)
             token = auth.new_token()
             expires = wall + self.config.session_ttl
             self.broker.store.add_session(
                 user.id, auth.token_hash(token), wall, expires
             )
-            self.broker.store.audit(wall, "login", user.name)
+            self.broker.audit(wall, "login", user.name, address=peer)
             return {"token": token, "expires": expires, "user": user.name,
                     "role": user.role}
 
-        self._offload(
-            identity, lambda: passwords.verify(stored_hash, password), then
-        )
+        def verify():
+            # Runs in the hash thread; whatever happens, the throttle must
+            # hear the outcome, or the attempt would stay pending.
+            try:
+                return passwords.verify(stored_hash, password)
+            except Exception:
+                log.exception("password check failed")
+                return False
+
+        self._offload(identity, verify, then)
 
     def _logout(self, identity, caller, body, now, wall):
         self.broker.store.revoke_session(caller.token_hash)
         self._sessions.pop(caller.token_hash, None)
-        self.broker.store.audit(wall, "logout", caller.name)
+        self.broker.audit(wall, "logout", caller.name)
         return {}
 
     def _passwd(self, identity, caller, body, now, wall):
@@ -252,7 +296,7 @@ class ClientHandler:
 
         def then(password_hash, wall):
             self.broker.store.set_password(user.id, password_hash)
-            self.broker.store.audit(wall, "passwd", caller.name, user=name)
+            self.broker.audit(wall, "passwd", caller.name, user=name)
             return {"user": name}
 
         self._offload(identity, lambda: passwords.hash(password), then)
@@ -264,6 +308,8 @@ class ClientHandler:
         if known is not None:
             # A retried submit: the first one was stored.
             return {"job": known, "created": False}
+        self._check_limits(spec)
+        self._check_credit(caller, wall)
         checked = paths.check(
             spec["script"], spec["data"], spec["output"], self.broker.roots
         )
@@ -281,6 +327,35 @@ class ClientHandler:
                 max_attempts=spec["attempts"],
             )
         return {"job": job_id, "created": created}
+
+    def _check_limits(self, spec: dict) -> None:
+        """The job's own limits must fit under the broker's maxima."""
+        cpu, memory = spec["cpu"], spec["memory"]
+        top_cpu, top_memory = self.config.max_job_cpu, \
+            self.config.max_job_memory_mb
+        if cpu is not None and top_cpu and cpu > top_cpu:
+            raise LimitError(
+                f"cpu {cpu:g} s is over this broker's maximum of "
+                f"{top_cpu:g} s"
+            )
+        if memory is not None and top_memory and memory > top_memory:
+            raise LimitError(
+                f"memory {memory} MiB is over this broker's maximum of "
+                f"{top_memory} MiB"
+            )
+
+    def _check_credit(self, caller: Caller, wall: float) -> None:
+        user = self.broker.store.user_by_id(caller.user_id)
+        limit = user.credit_limit
+        if limit is None:
+            return
+        spent = self.broker.store.charges(user.id, billing.month_start(wall))
+        if spent >= limit:
+            currency = self.broker.billing.currency
+            raise LimitError(
+                f"credit limit reached: {spent:.2f} of {limit:.2f} "
+                f"{currency} charged this month; ask an admin to raise it"
+            )
 
     def _job_for(self, caller: Caller, job_id: int) -> dict:
         job = self.broker.store.job(job_id)
@@ -334,7 +409,9 @@ class ClientHandler:
                 f"job {job_id} already {job['state']}; nothing to cancel"
             )
         if caller.user_id != job["user_id"]:
-            store.audit(wall, "cancel_by_admin", caller.name, job=job_id)
+            owner = store.user_by_id(job["user_id"])
+            self.broker.audit(wall, "cancel_by_admin", caller.name,
+                              job=job_id, owner=owner.name if owner else None)
         if job["state"] == "queued" and store.cancel_queued(job_id, wall):
             log.info("job %d cancelled while queued", job_id)
             _mark_cancelled(job, caller.name)
@@ -393,16 +470,18 @@ class ClientHandler:
             raise ProtocolError(problem)
         if self.broker.store.user(name) is not None:
             raise ConflictError(f"user {name!r} already exists")
+        credit = _check_credit_limit(body.get("credit_limit"))
         passwords, password = self.broker.passwords, body["password"]
 
         def then(password_hash, wall):
-            if self.broker.store.add_user(name, password_hash, role, wall) \
-                    is None:
+            if self.broker.store.add_user(
+                name, password_hash, role, wall, credit
+            ) is None:
                 raise ConflictError(f"user {name!r} already exists")
-            self.broker.store.audit(wall, "user_add", caller.name,
-                                    user=name, role=role)
+            self.broker.audit(wall, "user_add", caller.name, user=name,
+                              role=role, credit_limit=credit)
             log.info("user %s added by %s", name, caller.name)
-            return {"user": name, "role": role}
+            return {"user": name, "role": role, "credit_limit": credit}
 
         self._offload(identity, lambda: passwords.hash(password), then)
 
@@ -410,7 +489,7 @@ class ClientHandler:
         self._need_admin(caller)
         return {"users": [
             {"user": u.name, "role": u.role, "disabled": u.disabled,
-             "created_at": u.created_at}
+             "created_at": u.created_at, "credit_limit": u.credit_limit}
             for u in self.broker.store.users()
         ]}
 
@@ -419,14 +498,27 @@ class ClientHandler:
         user = self.broker.store.user(body["user"])
         if user is None:
             raise NotFoundError(f"no user {body['user'][:64]!r}")
+        if user.id == caller.user_id:
+            raise ConflictError("an admin cannot disable their own account")
         self.broker.store.disable_user(user.id)
         self._forget_sessions(user.id)
-        self.broker.store.audit(wall, "user_disable", caller.name,
-                                user=user.name)
+        self.broker.audit(wall, "user_disable", caller.name, user=user.name)
         log.info("user %s disabled by %s", user.name, caller.name)
         return {"user": user.name, "disabled": True}
 
+    def _user_set(self, identity, caller, body, now, wall):
+        self._need_admin(caller)
+        user = self.broker.store.user(body["user"])
+        if user is None:
+            raise NotFoundError(f"no user {body['user'][:64]!r}")
+        credit = _check_credit_limit(body["credit_limit"])
+        self.broker.store.set_credit_limit(user.id, credit)
+        self.broker.audit(wall, "user_set", caller.name, user=user.name,
+                          credit_limit=credit)
+        return {"user": user.name, "credit_limit": credit}
+
     def _workers(self, identity, caller, body, now, wall):
+        self._need_admin(caller)
         return {"workers": self.broker.workers.snapshot(now)}
 
     def _stats(self, identity, caller, body, now, wall):
@@ -462,6 +554,49 @@ class ClientHandler:
             snap["usage_today"] = store.usage_by_user(_midnight(wall))
         return snap
 
+    def _billing(self, identity, caller, body, now, wall):
+        """A statement: per-job usage and cost over [since, until)."""
+        store, name = self.broker.store, body.get("user")
+        if body.get("all"):
+            self._need_admin(caller)
+            user_id, who = None, None
+        elif name in (None, caller.name):
+            user_id, who = caller.user_id, caller.name
+        else:
+            if not caller.admin:
+                raise ForbiddenError(
+                    "only an admin may see another user's bill"
+                )
+            user = store.user(name)
+            if user is None:
+                raise NotFoundError(f"no user {name[:64]!r}")
+            user_id, who = user.id, user.name
+        since = body.get("since")
+        since = billing.month_start(wall) if since is None else since
+        until = body.get("until")
+        until = wall if until is None else until
+        if until < since:
+            raise ProtocolError("until must not be before since")
+        lines, totals = billing.statement(store.usage(since, until, user_id))
+        plan = self.broker.billing
+        return {
+            "user": who, "since": since, "until": until,
+            "currency": plan.currency, "jobs": lines, "totals": totals,
+            "plan": {
+                "per_cpu_second": plan.per_cpu_second,
+                "per_wall_second": plan.per_wall_second,
+                "per_job": plan.per_job, "per_gb_hour": plan.per_gb_hour,
+                "charge_failed": plan.charge_failed,
+            },
+        }
+
+    def _audit(self, identity, caller, body, now, wall):
+        self._need_admin(caller)
+        limit = min(max(body.get("limit", 100), 1), MAX_AUDIT)
+        return {"entries": self.broker.store.audit_entries(
+            limit, body.get("event"), body.get("actor"), body.get("since"),
+        )}
+
     def _view(self, job: dict | None) -> dict | None:
         """A job as clients see it."""
         if job is None:
@@ -472,6 +607,7 @@ class ClientHandler:
             "submitted_at", "started_at", "finished_at", "exit_code",
             "error", "worker", "progress", "cancel_requested",
         )}
+        view["cpu"], view["memory"] = job["cpu_limit"], job["memory_limit_mb"]
         view["data"], view["output"] = job["data_dir"], job["output_dir"]
         if "user" in job:
             view["user"] = job["user"]
@@ -532,11 +668,28 @@ def _check_spec(body: dict, default_attempts: int) -> dict:
     name = body.get("name")
     if name is not None and len(name) > 256:
         raise ProtocolError("name must have at most 256 characters")
+    cpu = body.get("cpu")
+    if cpu is not None and not 0 < cpu <= MAX_TIMEOUT:
+        raise ProtocolError(
+            f"cpu must be between 0 and {MAX_TIMEOUT:.0f} seconds"
+        )
+    memory = body.get("memory")
+    if memory is not None and not 1 <= memory <= 1 << 30:
+        raise ProtocolError("memory must be a positive number of MiB")
     return {
         "script": body["script"], "data": body["data"],
         "output": body["output"], "args": args, "priority": priority,
         "attempts": attempts, "timeout": timeout, "name": name,
+        "cpu": cpu, "memory": memory,
     }
+
+
+def _check_credit_limit(value) -> float | None:
+    if value is None:
+        return None
+    if not 0 <= value <= MAX_CREDIT:
+        raise ProtocolError(f"credit_limit must be between 0 and {MAX_CREDIT:g}")
+    return float(value)
 
 
 def _read_chunk(path: Path, offset: int, limit: int,

@@ -27,12 +27,13 @@ from typing import Callable
 import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from .. import paths
+from .. import audit, paths
 from ..auth import Passwords
-from ..config import BrokerConfig, store_url
+from ..config import BillingConfig, BrokerConfig, store_url
 from ..errors import ConfigError, MspError
 from ..store import Store
 from .clients import ClientHandler
+from .curve import CurveGuard
 from .workers import WorkerHandler
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,21 @@ class Broker:
         context: zmq.Context | None = None,
         admin_password: str | None = None,
         schema: str | None = None,
+        billing: BillingConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
         self.config = config
-        self.context = context or zmq.Context.instance()
+        self.billing = billing or BillingConfig()
+        self.curve = (
+            CurveGuard(self, config) if config.curve_secret_key_file else None
+        )
+        # A CURVE broker has a context of its own: the ZAP handler is per
+        # context, and must not judge another broker's peers in tests.
+        self._own_context = context is None and self.curve is not None
+        self.context = context or (
+            zmq.Context() if self._own_context else zmq.Context.instance()
+        )
         self.roots = paths.resolve_roots(config.allowed_roots)
         self.clock = clock
         self.wall = wall
@@ -94,7 +105,10 @@ class Broker:
     def open(self) -> None:
         """Open the store and bind the sockets (in the loop's thread)."""
         # Bind first: a broker that cannot have its endpoints should leave
-        # nothing behind.
+        # nothing behind. The ZAP handler comes before any endpoint, or a
+        # CURVE peer could connect before anyone checks its key.
+        if self.curve is not None:
+            self.curve.start(self.context)
         for name, kind in (("client", zmq.ROUTER), ("worker", zmq.ROUTER)):
             self._bind(name, kind, getattr(self.config, f"{name}_endpoint"))
         if self.config.events_endpoint:
@@ -104,10 +118,11 @@ class Broker:
             self._bind("events", zmq.PUB, self.config.events_endpoint)
         self.open_store()
         log.info(
-            "broker up: clients %s, workers %s, events %s, store %s",
+            "broker up: clients %s, workers %s, events %s, store %s%s",
             self.endpoints["client"], self.endpoints["worker"],
             self.endpoints.get("events", "off"),
             _safe_url(self.store.url),
+            "" if self.curve is None else ", CURVE on tcp endpoints",
         )
 
     def open_store(self) -> None:
@@ -131,6 +146,8 @@ class Broker:
             sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size + 4096)
             sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
+        if self.curve is not None and self.curve.applies(endpoint):
+            self.curve.secure(sock, name)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -147,6 +164,10 @@ class Broker:
         for sock in self._sockets.values():
             sock.close(linger=0)
         self._sockets.clear()
+        if self.curve is not None:
+            self.curve.stop()
+        if self._own_context:
+            self.context.term()
         self.clients.close()
         if self.store is not None:
             self.store.close()
@@ -212,7 +233,7 @@ class Broker:
         password = self._admin_password or secrets.token_urlsafe(12)
         now = self.wall()
         self.store.add_user("admin", self.passwords.hash(password), "admin", now)
-        self.store.audit(now, "user_add", None, user="admin", role="admin")
+        self.audit(now, "user_add", None, user="admin", role="admin")
         if self._admin_password is None:
             path = data_dir / "admin-password"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -233,7 +254,7 @@ class Broker:
             sock = self._sockets[name]
             for _ in range(TURN_BUDGET):
                 try:
-                    batch.append((name, sock.recv_multipart(zmq.NOBLOCK)))
+                    batch.append((name, *_receive(sock)))
                 except zmq.Again:
                     break
         if batch:
@@ -248,8 +269,8 @@ class Broker:
             self._loop.add_callback(self._turn)
 
     def _handle_batch(self, batch, now: float, wall: float) -> None:
-        for name, frames in batch:
-            self.handle(name, frames, now, wall)
+        for name, frames, peer in batch:
+            self.handle(name, frames, now, wall, peer)
         self.workers.dispatch(now, wall)
 
     def _tick(self) -> None:
@@ -283,13 +304,15 @@ class Broker:
         """The number of the last event published or about to be."""
         return self._seq
 
-    def handle(self, name: str, frames: list[bytes], now: float, wall: float):
-        """Handle one message from a client or a worker socket."""
+    def handle(self, name: str, frames: list[bytes], now: float, wall: float,
+               peer: str = ""):
+        """Handle one message from a client or a worker socket; ``peer`` is
+        the sender's address where the transport has one (tcp)."""
         mark = len(self._outbox), len(self._events), self._seq
         ended = set(self._ended)
         handler = self.clients if name == "client" else self.workers
         try:
-            handler.handle(frames, now, wall)
+            handler.handle(frames, now, wall, peer)
         except Exception:
             # A bug, not bad input: the handler's savepoint has rolled its
             # writes back; drop what it queued and keep serving.
@@ -350,6 +373,11 @@ class Broker:
         body["at"] = self.wall()
         self._events.append((topic.encode(), body))
 
+    def audit(self, wall: float, event: str, actor: str | None,
+              **detail) -> None:
+        """Record a security-relevant event (in the current transaction)."""
+        audit.record(self.store, wall, event, actor, **detail)
+
     def job_ended(self, job_id: int) -> None:
         self._ended.add(job_id)
 
@@ -362,6 +390,17 @@ class Broker:
             self.pending.put(work)
         else:
             self._loop.add_callback(self.transact, work)
+
+
+def _receive(sock: zmq.Socket) -> tuple[list[bytes], str]:
+    """One message and the address of the peer that sent it ("" when the
+    transport has none)."""
+    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    try:
+        peer = frames[-1].get("Peer-Address")
+    except zmq.ZMQError:
+        peer = ""
+    return [f.bytes for f in frames], peer or ""
 
 
 def _safe_url(url: str) -> str:

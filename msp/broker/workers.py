@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import outputs, protocol
+from .. import billing, outputs, protocol
 from ..errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ class WorkerHandler:
 
     # Messages.
 
-    def handle(self, frames: list[bytes], now: float, wall: float) -> None:
+    def handle(self, frames: list[bytes], now: float, wall: float,
+               address: str = "") -> None:
         if len(frames) < 2:
             log.warning("dropped a worker message of %d frame(s)", len(frames))
             return
@@ -151,6 +152,8 @@ class WorkerHandler:
             peer.expires = now + self.period
             peer.last_seen = wall
             peer.graced = False
+        elif not self._admit(identity, msg.body, wall, address):
+            return
         handler = self._handlers[msg.command]
         if msg.command == protocol.HEARTBEAT:
             handler(identity, peer, msg.body, now, wall)
@@ -177,20 +180,26 @@ class WorkerHandler:
         body.update(about)
         self._send(identity, protocol.ERROR, body)
 
-    def _ready(self, identity, peer, body, now, wall) -> None:
+    def _admit(self, identity: bytes, body: dict, wall: float,
+               address: str) -> bool:
+        """Whether a READY from a new peer proves it is one of ours."""
         secret = self.config.worker_secret
-        if secret and not hmac.compare_digest(
+        if not secret or hmac.compare_digest(
             (body.get("secret") or "").encode(), secret.encode()
         ):
-            log.warning(
-                "refused worker %r (%s): wrong or missing secret",
-                body["name"][:64], identity.hex(),
-            )
-            self.broker.store.audit(
-                wall, "worker_refused", None, name=body["name"][:64]
-            )
-            self._error(identity, "unauthenticated", "wrong worker secret")
-            return
+            return True
+        log.warning(
+            "refused worker %r (%s) from %s: wrong or missing secret",
+            body["name"][:64], identity.hex(), address or "a local peer",
+        )
+        self.broker.audit(
+            wall, "worker_refused", None, name=body["name"][:64],
+            address=address, why="wrong or missing secret",
+        )
+        self._error(identity, "unauthenticated", "wrong worker secret")
+        return False
+
+    def _ready(self, identity, peer, body, now, wall) -> None:
         name = body["name"][:256]
         # The same worker on a new socket: forget the old one, but let the
         # new one claim the job the old one held.
@@ -320,12 +329,13 @@ class WorkerHandler:
         final = decision.state != "queued"
         if final and body.get("output", True):
             self._finish_output(job, decision.state, outcome, body, error)
+        usage = _usage(body.get("usage"))
         store.end_attempt(
             job["id"], body["token"], wall, outcome,
             job_state=decision.state, failed=decision.failed,
             lost=decision.lost, not_before=decision.not_before,
-            exit_code=body.get("exit_code"), error=error,
-            usage=_usage(body.get("usage")),
+            exit_code=body.get("exit_code"), error=error, usage=usage,
+            cost=billing.cost(self.broker.billing, outcome, usage, final),
         )
         store.worker_done(peer.name)
         peer.jobs_done += 1
@@ -440,7 +450,8 @@ class WorkerHandler:
                 "job": job["id"], "token": token, "attempt": number,
                 "script": job["script"], "args": job["args"],
                 "data": job["data_dir"], "output": job["output_dir"],
-                "timeout": job["timeout"],
+                "timeout": job["timeout"], "cpu": job["cpu_limit"],
+                "memory": job["memory_limit_mb"],
             })
             log.debug("job %d attempt %d -> %s", job["id"], number, peer.name)
             self.broker.publish(
@@ -500,7 +511,7 @@ class WorkerHandler:
                 self._finish_output(job, decision.state, "lost", None, error)
             store.end_attempt(
                 job_id, token, wall, "lost", job_state=decision.state,
-                lost=1, error=error,
+                lost=1, error=error, cost=0.0,
             )
             self._announce(job, decision, "lost", None, error)
 

@@ -36,7 +36,8 @@ class Feed:
         self.retry = retry
         self.clock = clock
         self.wall = wall
-        self.events = Events(events, context=client.context)
+        self.events = Events(events, context=client.context,
+                             curve=client.curve)
         self._req: zmq.Socket | None = None
         self._deadline = 0.0
         self._next_try = 0.0
