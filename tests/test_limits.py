@@ -246,3 +246,51 @@ def test_run_as_mistakes_are_refused():
     if os.geteuid() == 0:
         with pytest.raises(ConfigError, match="unprivileged"):
             SubprocessExecutor("python3", run_as="root")
+
+
+PIDS = """\
+import os, subprocess, sys, time
+child = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(600)"],
+    start_new_session=True,
+)
+with open(os.path.join(os.environ["MSP_DATA_DIR"], "pids.tmp"), "w") as f:
+    f.write(f"{os.getpid()} {child.pid}")
+os.replace(os.path.join(os.environ["MSP_DATA_DIR"], "pids.tmp"),
+           os.path.join(os.environ["MSP_DATA_DIR"], "pids"))
+time.sleep(600)
+"""
+
+
+def test_a_dead_workers_script_tree_goes_with_it(processes):
+    p = processes()
+    p.start_broker()
+    worker = p.start_worker("w1")
+    data = p.root / "data"
+    data.mkdir()
+    script = p.root / "pids.py"
+    script.write_text(PIDS)
+    c = p.client()
+    c.submit(script, data, p.root / "out")
+    pids = wait_for(lambda: (data / "pids").exists() and
+                    [int(x) for x in (data / "pids").read_text().split()],
+                    timeout=30, message="the script to start")
+    try:
+        worker.kill()  # SIGKILL: the worker cannot clean up
+        worker.wait(10)
+
+        def gone(pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        # The script and the child it detached from its group both end.
+        wait_for(lambda: all(gone(pid) for pid in pids), timeout=10,
+                 message="the dead worker's processes to end")
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
