@@ -51,6 +51,10 @@ def cost(plan: BillingConfig, outcome: str, usage: dict,
     return amount
 
 
+# XXX: an attempt stores its cost but not the currency: a plan that changes
+# currency makes older costs read in the new one.
+
+
 def month_start(wall: float) -> float:
     """The start of the calendar month holding ``wall``, local time."""
     now = datetime.fromtimestamp(wall).astimezone()

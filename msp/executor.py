@@ -183,6 +183,9 @@ class Running:
             or _largest_file(self.assignment.scratch) >= lim.output_mb * MIB
         ):
             return f"file size limit exceeded (SIGXFSZ): {lim.output_mb} MiB"
+        # XXX: out of address space, Python raises MemoryError and exits 1;
+        # this reads it off the end of stderr, which a script can fake or
+        # hide (it can only cheat itself of a clearer message).
         last = tail.strip().splitlines()[-1:] or [""]
         if lim.memory_mb and (last[0].startswith("MemoryError")
                               or "Cannot allocate memory" in tail):

@@ -68,6 +68,9 @@ def main(argv):
     if pid == 0:
         _child(command, spec.get("limits") or {}, report)
     status = _reap(pid)
+    # XXX: ru_maxrss of the reaped children is the largest peak of any one
+    # process, not the peak of their sum: a tree of many processes is
+    # billed for its biggest member's memory only.
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = json.dumps({
         "status": status, "user": usage.ru_utime, "system": usage.ru_stime,
@@ -81,6 +84,9 @@ def main(argv):
 
 
 def _child(command, limits, report):
+    # XXX: rlimits hold per process: a script that forks N processes may
+    # use N times its CPU and memory limits. A cgroup per attempt would cap
+    # the tree, but needs a delegated cgroup the worker may not have.
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                     signal.SIGUSR1, signal.SIGPIPE, signal.SIGXFSZ,

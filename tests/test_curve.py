@@ -224,3 +224,26 @@ def test_curve_config_mistakes_are_refused(tmp_path, keyring):
         Broker(broker_config(tmp_path, "tcp",
                              curve_secret_key_file=keyring["broker"]["secret"],
                              curve_allowed_keys_dir=str(tmp_path / "none")))
+
+
+def test_the_monitor_feed_works_over_curve(make_cluster, keyring):
+    from msp.monitor.feed import Feed
+    from msp.monitor.model import Model
+
+    cluster = make_cluster(workers=0, **broker_keys(keyring))
+    admin = cluster.client(curve=curve(keyring, "alice"))
+    admin.login("admin", ADMIN_PASSWORD)
+    script = cluster.script("ok.py", "")
+    model = Model()
+    with Feed(admin, cluster.broker.endpoints["events"], model) as feed:
+        model.load(admin.stats(), feed.clock(), feed.wall())
+
+        def counted():
+            # Events sent before the subscription arrived are lost: submit
+            # until the feed (events or a fresh snapshot) shows one.
+            admin.submit(script, cluster.data, cluster.output())
+            feed.step(0.1)
+            return model.counts["queued"] >= 1
+
+        wait_for(counted, message="the monitor to see a job over CURVE")
+        assert model.problem is None

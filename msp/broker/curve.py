@@ -49,7 +49,13 @@ class _Authenticator(ThreadAuthenticator):
 
 
 class CurveGuard:
-    """Keys, socket options and the ZAP handler of a CURVE broker."""
+    """Keys, socket options and the ZAP handler of a CURVE broker.
+
+    XXX: the allowed keys are read once, at start: adding or removing a key
+    takes a broker restart. And a peer that does not speak CURVE at all
+    fails its handshake before the ZAP handler sees it, so it is not
+    audited (only logged by libzmq, if at all).
+    """
 
     def __init__(self, broker, config: BrokerConfig):
         if not config.curve_allowed_keys_dir:

@@ -352,6 +352,8 @@ class Broker:
             except zmq.Again:
                 log.warning("dropped a message to a %s: queue full", name)
         self._outbox.clear()
+        # XXX: every subscriber gets every event (job ids, users, scripts):
+        # CURVE keeps strangers off, but not one user off another's jobs.
         pub = self._sockets.get("events")
         if pub is not None:
             for topic, body in self._events:

@@ -31,6 +31,13 @@ class Entry:
 
 
 class LoginThrottle:
+    """Failure counts and blocks, per user name and per peer address.
+
+    XXX: anyone may fail logins on purpose for a name and so keep its owner
+    out for up to ``cap`` at a time; a per-name block is the price of
+    slowing down guesses spread over many addresses.
+    """
+
     def __init__(self, after: int, peer_after: int, window: float,
                  delay: float, cap: float):
         self.after = after

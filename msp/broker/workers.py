@@ -188,6 +188,8 @@ class WorkerHandler:
             (body.get("secret") or "").encode(), secret.encode()
         ):
             return True
+        # XXX: each refused READY is an audit row: a rogue peer that keeps
+        # reconnecting writes one per try.
         log.warning(
             "refused worker %r (%s) from %s: wrong or missing secret",
             body["name"][:64], identity.hex(), address or "a local peer",
