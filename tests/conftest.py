@@ -21,7 +21,7 @@ from msp.worker import Worker
 
 ADMIN_PASSWORD = "admin-password"
 # Fast liveness so that tests about it take a fraction of a second.
-FAST = {"heartbeat_interval": 0.1, "liveness": 3}
+FAST = {"heartbeat_interval": 0.2, "liveness": 3}
 
 
 def wait_for(predicate, timeout=10.0, interval=0.01, message="condition"):

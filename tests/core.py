@@ -19,8 +19,10 @@ class Core:
     ``feed`` and what it would send comes back as a list."""
 
     def __init__(self, root):
+        # Its clock is the test's, so a short interval costs nothing.
         config = broker_config(root, sqlite_synchronous="OFF",
-                               max_message_size=4096)
+                               max_message_size=4096,
+                               heartbeat_interval=0.1, liveness=3)
         self.root = root
         self.broker = Broker(config, admin_password=ADMIN_PASSWORD)
         self.broker.open_store()

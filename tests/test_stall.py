@@ -14,7 +14,7 @@ from msp.broker import Broker
 from .conftest import ADMIN_PASSWORD
 from .core import NOW, Core
 
-PERIOD = 0.3  # the fixtures' 0.1 s interval times a liveness of 3
+PERIOD = 0.3  # Core's 0.1 s interval times a liveness of 3
 
 
 def test_a_stall_is_not_taken_for_the_workers_silence(tmp_path):
