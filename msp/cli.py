@@ -23,6 +23,7 @@ from typing import List, Optional
 import typer
 import zmq
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -113,8 +114,14 @@ def main_options(
     state.broker = broker
 
 
+def say_error(message: str) -> None:
+    """One red line on stderr; the message is text, never markup."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False,
+              soft_wrap=True)
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    say_error(message)
     return typer.Exit(code)
 
 
@@ -137,13 +144,11 @@ def main() -> None:
         if isinstance(status, int) and status:
             sys.exit(status)
     except MspError as exc:
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False,
-                  soft_wrap=True)
+        say_error(exc.message)
         sys.exit(_exit_code(exc))
     except zmq.ZMQError as exc:
-        err.print(f"[red]error:[/red] {exc}; an endpoint looks like "
-                  "tcp://127.0.0.1:5555 or ipc:///path/to/socket",
-                  highlight=False, soft_wrap=True)
+        say_error(f"{exc}; an endpoint looks like tcp://127.0.0.1:5555 or "
+                  "ipc:///path/to/socket")
         sys.exit(EXIT_USAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -157,8 +162,7 @@ def main() -> None:
             raise
         ctx = getattr(exc, "ctx", None)
         hint = f" (see: {ctx.command_path} --help)" if ctx else ""
-        err.print(f"[red]error:[/red] {exc.format_message()}{hint}",
-                  highlight=False, soft_wrap=True)
+        say_error(f"{exc.format_message()}{hint}")
         sys.exit(EXIT_USAGE)
 
 

@@ -193,11 +193,20 @@ def zmq_context():
 
 
 def free_port() -> int:
+    """A free port below the ephemeral range, so that no outgoing
+    connection takes it between now and the bind in another process."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 class Processes:

@@ -143,5 +143,6 @@ def test_a_broker_whose_port_is_taken_says_so_and_leaves_nothing(processes):
     result = run_cli("broker", env=second.env, timeout=30)
     assert result.returncode != 0
     assert "cannot bind the client endpoint" in result.stderr
+    assert "[broker] client_endpoint" in result.stderr
     assert "MSP_BROKER_CLIENT_ENDPOINT" in result.stderr
     assert not (second.root / "var").exists()
