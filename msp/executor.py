@@ -183,9 +183,6 @@ class Running:
             or _largest_file(self.assignment.scratch) >= lim.output_mb * MIB
         ):
             return f"file size limit exceeded (SIGXFSZ): {lim.output_mb} MiB"
-        # XXX: out of address space, Python raises MemoryError and exits 1;
-        # this reads it off the end of stderr, which a script can fake or
-        # hide (it can only cheat itself of a clearer message).
         last = tail.strip().splitlines()[-1:] or [""]
         if lim.memory_mb and (last[0].startswith("MemoryError")
                               or "Cannot allocate memory" in tail):
@@ -275,21 +272,10 @@ class SubprocessExecutor:
         Returns the :class:`Running` attempt, or None when the script could
         not start (``done`` has then been called already).
         """
-        scratch = a.scratch
-        scratch.mkdir(parents=True, exist_ok=True)
-        problem = self._check_script(a.script)
-        if problem is not None:
-            # Where `mspctl logs --stderr` looks, as if Python had said it.
-            (scratch / outputs.STDOUT).write_bytes(b"")
-            (scratch / outputs.STDERR).write_text(problem + "\n")
-            done(Outcome("error", None, problem, {}))
+        scratch = self._prepare(a, done)
+        if scratch is None:
             return None
-        env = dict(self.base_env)
-        env.update(
-            MSP_JOB_ID=str(a.job), MSP_ATTEMPT=str(a.attempt),
-            MSP_DATA_DIR=a.data, MSP_OUTPUT_DIR=str(scratch),
-            PYTHONUNBUFFERED="1",
-        )
+        env = self.environment(a, scratch)
         limits = self.limits_for(a)
         read_end, write_end = os.pipe()
         # The launcher ends the script's whole tree if the worker dies
@@ -326,6 +312,31 @@ class SubprocessExecutor:
         finally:
             os.close(write_end)
         return Running(a, proc, self.kill_grace, done, limits, read_end)
+
+    def _prepare(self, a: Assignment, done) -> Path | None:
+        """The attempt's scratch folder, made; or None, ``done`` called,
+        when the script cannot start at all."""
+        scratch = a.scratch
+        scratch.mkdir(parents=True, exist_ok=True)
+        problem = self._check_script(a.script)
+        if problem is not None:
+            # Where `mspctl logs --stderr` looks, as if Python had said it.
+            (scratch / outputs.STDOUT).write_bytes(b"")
+            (scratch / outputs.STDERR).write_text(problem + "\n")
+            done(Outcome("error", None, problem, {}))
+            return None
+        return scratch
+
+    def environment(self, a: Assignment, scratch: Path) -> dict[str, str]:
+        """The script's whole environment: the allowed variables of the
+        worker's, and the job's own (msp.forkserver's jobs get the same)."""
+        env = dict(self.base_env)
+        env.update(
+            MSP_JOB_ID=str(a.job), MSP_ATTEMPT=str(a.attempt),
+            MSP_DATA_DIR=a.data, MSP_OUTPUT_DIR=str(scratch),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
 
     @staticmethod
     def _check_script(script: str) -> str | None:
