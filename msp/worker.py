@@ -61,6 +61,8 @@ class Worker:
         self.name = config.name
         self.context = context or zmq.Context.instance()
         self.curve = keys.client_curve(config)
+        # An executor made here is closed here (a fork server has a process).
+        self._own_executor = executor is None
         self.executor = executor or make_executor(config)
         self.clock = clock
         self.period = config.heartbeat_interval * config.liveness
@@ -139,6 +141,9 @@ class Worker:
             self._wake_w = None
             os.close(wake_r)
             os.close(wake_w)
+            close = getattr(self.executor, "close", None)
+            if self._own_executor and close is not None:
+                close()
             log.info("worker %s stopped after %d job(s)", self.name,
                      self.jobs_done)
 
