@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
 import struct
