@@ -396,11 +396,11 @@ class Store:
         return cursor.lastrowid, True
 
     def job_by_request(self, user_id: int, request_id: str) -> int | None:
-        found = self.m.Job.get_or_none(
-            (self.m.Job.user == user_id)
-            & (self.m.Job.request_id == request_id)
-        )
-        return None if found is None else found.id
+        # Every submit asks this first: the prepared lookup, as submit's.
+        found = self._exec(
+            self.sql.find_request, (user_id, request_id)
+        ).fetchone()
+        return None if found is None else found[0]
 
     def job(self, job_id: int) -> dict | None:
         cursor = self._exec(self.sql.job, (job_id,))
