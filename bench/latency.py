@@ -6,10 +6,10 @@ durable) and one worker process. For each job it records, with the same
 wall clock: submit -> acknowledged (the SUBMIT reply), submit -> script
 start (the script's first act is to take time.time()), end of script ->
 result visible to the client (the script's last act takes time.time(); the
-client notes when WAIT returns), and submit -> result visible. With the
-noop executor (nothing runs) only the acknowledgement and submit -> result
-visible, and submit -> the broker handling the worker's STARTED (the
-time on its event). For reference, the interpreter's own
+client notes when WAIT returns), submit -> result visible, and submit ->
+the broker handling the worker's STARTED (the time on its event; the
+worker sends it just before it starts the script). With the noop
+executor (nothing runs) all but the script's times. For reference, the interpreter's own
 start: Popen -> the same script's first act, with no msp.
 """
 
@@ -126,7 +126,7 @@ def one_executor(ws: C.Workspace, script, executor: str,
                 out.setdefault("ack", []).append(t1 - t0)
                 out.setdefault("visible", []).append(t2 - t0)
                 started = _started_at(sub, job)
-                if started is not None and executor == "noop":
+                if started is not None:
                     out.setdefault("started_event", []).append(started - t0)
                 if executor != "noop":
                     start, end = map(float, (output / "times.txt")
