@@ -174,13 +174,14 @@ def interpreter_start(ws: C.Workspace, script, n: int) -> list[float]:
             scratch = a.scratch
             scratch.mkdir(parents=True)
             t0 = time.time()
-            subprocess.run([C.PYTHON, str(script)], cwd=scratch,
-                           env=env_of.environment(a, scratch),
-                           stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL,
-                           start_new_session=True, check=True,
-                           timeout=C.STEP_TIMEOUT)
+            code = C.run_bounded([C.PYTHON, str(script)], cwd=scratch,
+                                 env=env_of.environment(a, scratch),
+                                 stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+            if code != 0:
+                raise RuntimeError(f"direct run exited with {code}")
             start, _ = map(float, (scratch / "times.txt").read_text().split())
             values.append(start - t0)
     finally:
