@@ -48,11 +48,13 @@ def main() -> None:
     parser.add_argument("--drain", type=int, default=500,
                         help="jobs the broker hands to a noop worker")
     parser.add_argument("--store", default="sqlite",
-                        choices=["sqlite", "postgres"])
+                        choices=["sqlite", "postgres"],
+                        help="postgres writes queue_depth_postgres.json")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     with C.Workspace(args.workdir, args.keep) as ws:
-        report = C.Report("queue_depth", DESCRIPTION, args, ws.path)
+        name = "queue_depth" + ("" if args.store == "sqlite" else "_postgres")
+        report = C.Report(name, DESCRIPTION, args, ws.path)
         script = ws.script("job.py", "pass\n")
         per_depth: dict[int, list[dict]] = {}
         for r in range(args.repeats):
