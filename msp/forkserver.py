@@ -126,7 +126,11 @@ class _Server:
             theirs.close()
         self.sock = ours
         self.alive = True
+        # The tables below; never held while writing to the socket, so
+        # that the reader can always take it and keep the server unblocked.
         self._lock = threading.Lock()
+        # Whole messages on the socket, one at a time.
+        self._send_lock = threading.Lock()
         self._next = 0
         self._slots: dict[int, _Slot] = {}
         self._running: dict[int, ForkAttempt] = {}
@@ -140,19 +144,20 @@ class _Server:
         return self._hello.wait(timeout)
 
     def run(self, request: dict, slot: _Slot, timeout: float) -> ForkAttempt:
-        data = b""
         with self._lock:
             if not self.alive:
                 raise ForkError("the fork server is not running")
             self._next += 1
             ident = self._next
             self._slots[ident] = slot
-            data = json.dumps({"id": ident, **request}).encode()
-            try:
+        data = json.dumps({"id": ident, **request}).encode()
+        try:
+            with self._send_lock:
                 self.sock.sendall(HEADER.pack(len(data)) + data)
-            except OSError as exc:
-                del self._slots[ident]
-                raise ForkError(f"the fork server is gone: {exc}") from None
+        except OSError as exc:
+            with self._lock:
+                self._slots.pop(ident, None)
+            raise ForkError(f"the fork server is gone: {exc}") from None
         if not slot.event.wait(timeout):
             with self._lock:
                 self._slots.pop(ident, None)
@@ -265,8 +270,12 @@ class ForkExecutor(SubprocessExecutor):
         self.start_timeout = start_timeout
         self._server: _Server | None = None
         self._server_lock = threading.Lock()
-        # Started now, so that the first job finds it warm.
-        self._ensure_server()
+        # Started now, so that the first job finds it warm; if it cannot
+        # start, each job tries again and reports why it could not.
+        try:
+            self._ensure_server()
+        except OSError as exc:
+            log.error("fork server: %s", exc)
 
     def _ensure_server(self) -> _Server:
         with self._server_lock:

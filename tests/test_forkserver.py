@@ -362,3 +362,14 @@ def test_a_worker_runs_jobs_with_the_fork_executor(tmp_path):
         broker.stop()
     if worker is not None:
         wait_for(lambda: not _alive(server), what="the server to stop")
+
+
+def test_a_missing_interpreter_fails_each_job_with_why(tmp_path):
+    ex = ForkExecutor(str(tmp_path / "no-python"))
+    try:
+        assert ex.server_pid is None
+        _, outcome, _ = run(ex, assignment(tmp_path, "pass"))
+        assert outcome.outcome == "error"
+        assert "cannot start the script" in outcome.error
+    finally:
+        ex.close()
