@@ -48,7 +48,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 # The longest any single step of a benchmark may take before it gives up.
 STEP_TIMEOUT = 120.0
 
-log = logging.getLogger("bench")
+log = logging.getLogger(__name__)
 
 
 # Statistics.

@@ -24,7 +24,7 @@ def main() -> None:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000,
                         help="jobs per run with the fork executor")
-    parser.add_argument("--n-script", type=int, default=400,
+    parser.add_argument("--n-script", type=int, default=200,
                         help="jobs per run with the subprocess executor and "
                              "per direct run (each starts an interpreter)")
     parser.add_argument("--workers", default="1,2",
