@@ -12,6 +12,7 @@ length. The server is single-threaded, so forking it is safe.
 """
 
 import atexit
+import ctypes
 import gc
 import io
 import json
@@ -23,6 +24,11 @@ import struct
 import sys
 
 HEADER = struct.Struct("!I")
+PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: no such safeguard
+    _prctl = None
 
 
 def main(argv):
@@ -54,6 +60,7 @@ def main(argv):
 class Server:
     def __init__(self, fd):
         self.fd = fd
+        self.pid = os.getpid()
         self.children = {}  # pid -> request id
         self.inbox = bytearray()
 
@@ -80,7 +87,14 @@ class Server:
                 if fd == wake_r:
                     _drain(wake_r)
                 elif not self.receive():
-                    return  # the executor is gone: so are we
+                    # The worker is gone (it closed us, or it died): its
+                    # jobs go with it, as the subprocess executor's do.
+                    for pid in self.children:
+                        try:
+                            os.killpg(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+                    return
             self.reap()
 
     def receive(self):
@@ -130,7 +144,7 @@ class Server:
             self.send({"id": ident, "error": str(exc)})
             return
         if pid == 0:
-            _child(req, *opened)  # never returns
+            _child(req, self.pid, *opened)  # never returns
         for fd in opened:
             os.close(fd)
         self.children[pid] = ident
@@ -149,12 +163,18 @@ def _drain(fd):
         pass
 
 
-def _child(req, cwd_fd, out_fd, err_fd):
+def _child(req, server_pid, cwd_fd, out_fd, err_fd):
     """Become the job: a fresh session, the job's files, folder,
     environment and argv; then run the script as __main__ and exit."""
     code = 1
     try:
         os.setsid()
+        # Killed with the server, whose death would leave nobody to report
+        # or stop the job.
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server_pid:
+            os._exit(1)  # the server died before the safeguard took hold
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)

@@ -16,8 +16,12 @@ back its status and resource usage. A job thus starts in about a
 millisecond instead of the tens an interpreter takes to start.
 
 The promises are SubprocessExecutor's: the same syntax check before
-anything starts, the same outcomes, and cancellation by SIGTERM to the
-whole group (and every descendant found), SIGKILL after the grace period.
+anything starts, the same outcomes, cancellation by SIGTERM to the whole
+group (and every descendant found), SIGKILL after the grace period, and a
+script that does not outlive its worker: the server kills its jobs' groups
+and exits when the worker's end of the socket closes (the worker ended,
+even by kill -9), and each job gets SIGKILL if the server itself dies
+(PR_SET_PDEATHSIG).
 
 Caveats, all from the fork:
 
@@ -311,12 +315,15 @@ class ForkExecutor(SubprocessExecutor):
         Returns the :class:`ForkAttempt`, or None when the script could not
         start (``done`` has then been called already).
         """
-        problem = self._check_script(a.script)
-        if problem is not None:
-            done(Outcome("error", None, problem, {}))
-            return None
         started = time.monotonic()
-        scratch = a.scratch
+        try:
+            scratch = self._prepare(a, done)
+        except OSError as exc:
+            done(Outcome("error", None, f"cannot start the script: {exc}",
+                         {}))
+            return None
+        if scratch is None:
+            return None
         request = {
             "script": a.script, "args": list(a.args), "cwd": str(scratch),
             "env": self.environment(a, scratch),
@@ -324,7 +331,6 @@ class ForkExecutor(SubprocessExecutor):
             "stderr": str(scratch / outputs.STDERR),
         }
         try:
-            scratch.mkdir(parents=True, exist_ok=True)
             server = self._ensure_server()
             slot = _Slot(a, done, self.kill_grace, started)
             return server.run(request, slot, FORK_TIMEOUT)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -189,7 +190,9 @@ def test_a_syntax_error_is_reported_before_anything_starts(executor,
     outcome = result.outcomes[0]
     assert outcome.outcome == "error"
     assert "SyntaxError" in outcome.error
-    assert not a.scratch.exists()
+    # Where the logs are looked for, as the subprocess executor leaves it.
+    assert read(a, "stdout.log") == ""
+    assert read(a, "stderr.log") == outcome.error + "\n"
 
 
 def test_atexit_functions_and_threads_finish_before_the_exit(executor,
@@ -373,3 +376,34 @@ def test_a_missing_interpreter_fails_each_job_with_why(tmp_path):
         assert "cannot start the script" in outcome.error
     finally:
         ex.close()
+
+
+def test_a_killed_worker_takes_its_script_with_it(tmp_path):
+    """kill -9 of the process that owns the executor: the server sees its
+    socket close and kills the job's group."""
+    pid_file = tmp_path / "script.pid"
+    a = assignment(tmp_path, f"""
+        import os, time
+        open({str(pid_file)!r} + ".tmp", "w").write(str(os.getpid()))
+        os.rename({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
+        time.sleep(60)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, threading
+        from msp.executor import Assignment
+        from msp.forkserver import ForkExecutor
+        ex = ForkExecutor(sys.executable)
+        ex.start(Assignment(**{a.__dict__!r}), lambda outcome: None)
+        threading.Event().wait(60)
+    """)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        wait_for(pid_file.exists, what="the script to start")
+        script = int(pid_file.read_text())
+        assert _alive(script)
+        owner.kill()
+        owner.wait(DEADLINE)
+        wait_for(lambda: not _alive(script), what="the script to be killed")
+    finally:
+        owner.kill()
+        owner.wait(DEADLINE)
+
