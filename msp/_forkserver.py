@@ -14,6 +14,7 @@ length. The server is single-threaded, so forking it is safe.
 import atexit
 import ctypes
 import gc
+import importlib.util
 import io
 import json
 import os
@@ -25,6 +26,7 @@ import sys
 
 HEADER = struct.Struct("!I")
 PR_SET_PDEATHSIG = 1
+set_limits = None  # launch.set_limits, loaded by main()
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux: no such safeguard
@@ -33,9 +35,16 @@ except (OSError, AttributeError):  # not Linux: no such safeguard
 
 def main(argv):
     fd = int(argv[1])
+    here = os.path.dirname(os.path.abspath(__file__))
+    # The launcher's limits, loaded under a name no script imports.
+    global set_limits
+    spec = importlib.util.spec_from_file_location(
+        "_msp_launch", os.path.join(here, "launch.py"))
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    set_limits = launch.set_limits
     # Run by path, this file's folder (msp/) came first on sys.path; a
     # script importing "config" or "paths" must not find msp's modules.
-    here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0] or ".") == here:
         del sys.path[0]
     failed = {}
@@ -137,6 +146,9 @@ class Server:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
             opened.append(os.open(req["stdout"], flags, 0o666))
             opened.append(os.open(req["stderr"], flags, 0o666))
+            if req.get("user"):
+                for fd in opened[1:]:
+                    os.fchown(fd, *req["user"])
             pid = os.fork()
         except OSError as exc:
             for fd in opened:
@@ -169,8 +181,14 @@ def _child(req, server_pid, cwd_fd, out_fd, err_fd):
     code = 1
     try:
         os.setsid()
+        set_limits(req.get("limits") or {})
+        if req.get("user"):
+            uid, gid = req["user"]
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
         # Killed with the server, whose death would leave nobody to report
-        # or stop the job.
+        # or stop the job (asked after setuid, which clears it).
         if _prctl is not None:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != server_pid:

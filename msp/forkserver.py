@@ -8,7 +8,9 @@ the child becomes the job: a new session (so a process group of its own),
 standard input from /dev/null, the files on descriptors 1 and 2, every other
 descriptor closed, the scratch folder as working directory, the same
 scrubbed environment :class:`~msp.executor.SubprocessExecutor` builds,
-``sys.argv`` and ``sys.path[0]`` as ``python script.py`` sets them, then
+``sys.argv`` and ``sys.path[0]`` as ``python script.py`` sets them, the
+attempt's limits (the launcher's ``set_limits``) and, for a root worker,
+the configured unprivileged user (``run_as``), then
 ``runpy.run_path(script, run_name="__main__")``. Its exit status follows
 python's: 0, the ``SystemExit`` code, or 1 with the traceback on stderr for
 an uncaught exception. The server reaps each child with ``wait4`` and sends
@@ -43,7 +45,15 @@ Caveats, all from the fork:
   has no job's variables in it. ``sys.orig_argv`` and ``os.getppid()``
   are the server's.
 - The reported peak memory (``max_rss_kb``) counts the server's pages that
-  the child mapped, as a fresh interpreter's counts its own start-up.
+  the child mapped, as a fresh interpreter's counts its own start-up;
+  likewise the memory limit (RLIMIT_AS) counts the server's address space
+  the child starts with.
+- Usage is the script's own and that of the children it waited for; the
+  subprocess executor's launcher also reaps and counts detached ones.
+- With ``run_as``, the server runs as the worker's user (root) and each
+  child drops to the configured user right after the fork: the job starts
+  from a memory image a root process made (nothing secret is in it unless
+  a preloaded module put it there).
 - If the server dies, the jobs it ran are reported lost (so the broker
   retries them) and the next job starts a new server.
 """
@@ -52,6 +62,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import struct
@@ -64,8 +75,8 @@ from typing import Callable
 
 from . import outputs
 from .executor import (
-    DEFAULT_ENV_ALLOW, Assignment, Outcome, ProcessAttempt,
-    SubprocessExecutor, _kill_group,
+    DEFAULT_ENV_ALLOW, Assignment, Limits, Outcome, Running,
+    SubprocessExecutor, _descendants, _kill_group, _signal,
 )
 
 log = logging.getLogger(__name__)
@@ -80,30 +91,119 @@ class ForkError(OSError):
     """The fork server could not start a job."""
 
 
-class ForkAttempt(ProcessAttempt):
-    """A job forked by the server; the server's reader thread ends it."""
+class ForkAttempt:
+    """A job forked by the server: ``stop()`` ends it early with a given
+    outcome; the server's reader thread reports its end with
+    :meth:`finish` (or :meth:`abandon`), exactly once."""
+
+    def __init__(self, assignment: Assignment, pid: int, grace: float,
+                 done: Callable[[Outcome], None], started: float,
+                 limits: Limits):
+        self.assignment = assignment
+        self.pid = pid
+        self.grace = grace
+        self.limits = limits
+        self.started = started
+        self.deadline = (
+            None if assignment.timeout is None
+            else started + assignment.timeout
+        )
+        self._done = done
+        self._reason: str | None = None
+        self._exited = threading.Event()
+        self._once = threading.Lock()
+
+    def _claim(self) -> bool:
+        """True for the one caller that reports the end."""
+        with self._once:
+            if self._exited.is_set():
+                return False
+            self._exited.set()
+            return True
+
+    def finish(self, status: int, rusage) -> None:
+        """The server reaped the script: report its outcome."""
+        if not self._claim():
+            return
+        wall = time.monotonic() - self.started
+        # Whatever the script left behind in its group goes with it.
+        _kill_group(self.pid, signal.SIGKILL)
+        usage = {
+            "wall": wall, "user": rusage.ru_utime,
+            "system": rusage.ru_stime, "max_rss_kb": rusage.ru_maxrss,
+        }
+        code = os.waitstatus_to_exitcode(status)
+        self._done(self._outcome(code, usage))
+
+    def _outcome(self, code: int, usage: dict) -> Outcome:
+        # The subprocess executor's rules, limits included.
+        reason = self._reason
+        if reason is not None:
+            if reason == "timed_out" and self.assignment.timeout:
+                error = f"timed out after {self.assignment.timeout:g} s"
+            elif reason == "lost":
+                error = "the worker gave the attempt up"
+            else:
+                error = reason
+            return Outcome(reason, code, error, usage)
+        if code == 0:
+            return Outcome("succeeded", 0, None, usage)
+        tail = outputs.tail(self.assignment.scratch / outputs.STDERR)
+        limit = Running._limit_hit(self, code, usage, tail)
+        if limit is not None:
+            error = f"{limit}\n{tail}".strip()
+        elif code < 0:
+            error = f"killed by signal {-code}\n{tail}".strip()
+        else:
+            error = tail
+        return Outcome("failed", code, error, usage)
 
     def abandon(self, error: str) -> None:
         """The server died: its job's status is lost with it."""
-        if self._exited.is_set():
+        if not self._claim():
             return
-        self._exited.set()
         _kill_group(self.pid, signal.SIGKILL)
         wall = time.monotonic() - self.started
         self._done(Outcome("lost", None, error, {"wall": wall}))
+
+    def stop(self, reason: str) -> None:
+        """End the attempt: SIGTERM to the whole process tree, SIGKILL after
+        the grace period. ``reason`` becomes the attempt's outcome."""
+        if self._exited.is_set() or self._reason is not None:
+            return
+        self._reason = reason
+        threading.Thread(
+            target=self._terminate, name="msp-kill", daemon=True
+        ).start()
+
+    def _terminate(self) -> None:
+        pid = self.pid
+        tree = _descendants(pid)
+        _kill_group(pid, signal.SIGTERM)
+        for proc in tree:
+            _signal(proc, signal.SIGTERM)
+        if self._exited.wait(self.grace):
+            # The script is gone; its children may not be.
+            tree = [p for p in tree if p.is_running()]
+        else:
+            tree += _descendants(pid)
+        _kill_group(pid, signal.SIGKILL)
+        for proc in tree:
+            _signal(proc, signal.SIGKILL)
 
 
 class _Slot:
     """A request in flight: the start() waiting for the server's reply."""
 
-    __slots__ = ("assignment", "done", "grace", "started", "event",
-                 "attempt", "error")
+    __slots__ = ("assignment", "done", "grace", "started", "limits",
+                 "event", "attempt", "error")
 
-    def __init__(self, assignment, done, grace, started):
+    def __init__(self, assignment, done, grace, started, limits):
         self.assignment = assignment
         self.done = done
         self.grace = grace
         self.started = started
+        self.limits = limits
         self.event = threading.Event()
         self.attempt: ForkAttempt | None = None
         self.error: str | None = None
@@ -236,7 +336,7 @@ class _Server:
             if slot is not None and "pid" in message:
                 slot.attempt = ForkAttempt(
                     slot.assignment, message["pid"], slot.grace, slot.done,
-                    started=slot.started,
+                    slot.started, slot.limits,
                 )
                 # Registered before the exit report, which comes next.
                 self._running[ident] = slot.attempt
@@ -266,10 +366,11 @@ class ForkExecutor(SubprocessExecutor):
 
     def __init__(self, python: str, *, kill_grace: float = 5.0,
                  env_allow=DEFAULT_ENV_ALLOW, environ=None,
+                 limits: Limits = Limits(), run_as: str = "",
                  preload: tuple[str, ...] | list[str] = (),
                  start_timeout: float = 30.0):
         super().__init__(python, kill_grace=kill_grace, env_allow=env_allow,
-                         environ=environ)
+                         environ=environ, limits=limits, run_as=run_as)
         self.preload = tuple(preload)
         self.start_timeout = start_timeout
         self._server: _Server | None = None
@@ -304,6 +405,20 @@ class ForkExecutor(SubprocessExecutor):
                      self.python)
             return server
 
+    @classmethod
+    def from_config(cls, config) -> "ForkExecutor":
+        """The executor a [worker] section describes."""
+        return cls(
+            config.python, kill_grace=config.kill_grace,
+            env_allow=config.env_allow, run_as=config.run_as,
+            limits=Limits(
+                cpu=config.cpu_limit or None,
+                memory_mb=config.memory_limit_mb or None,
+                files=config.files_limit or None,
+                output_mb=config.output_limit_mb or None,
+            ),
+        )
+
     @property
     def server_pid(self) -> int | None:
         server = self._server
@@ -324,15 +439,24 @@ class ForkExecutor(SubprocessExecutor):
             return None
         if scratch is None:
             return None
+        limits = self.limits_for(a)
+        user = None
+        if self.user is not None:
+            _, uid, gid, _ = self.user
+            user = [uid, gid]
         request = {
             "script": a.script, "args": list(a.args), "cwd": str(scratch),
             "env": self.environment(a, scratch),
             "stdout": str(scratch / outputs.STDOUT),
             "stderr": str(scratch / outputs.STDERR),
+            "limits": limits.for_launcher(), "user": user,
         }
         try:
+            if user is not None:
+                # The script writes its output here, as its own user.
+                os.chown(scratch, *user)
             server = self._ensure_server()
-            slot = _Slot(a, done, self.kill_grace, started)
+            slot = _Slot(a, done, self.kill_grace, started, limits)
             return server.run(request, slot, FORK_TIMEOUT)
         except OSError as exc:
             done(Outcome("error", None, f"cannot start the script: {exc}",

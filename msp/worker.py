@@ -48,7 +48,7 @@ def make_executor(config: WorkerConfig):
     if config.executor == "fork":
         from .forkserver import ForkExecutor
 
-        return ForkExecutor(config.python, kill_grace=config.kill_grace)
+        return ForkExecutor.from_config(config)
     return SubprocessExecutor.from_config(config)
 
 

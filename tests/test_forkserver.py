@@ -407,3 +407,50 @@ def test_a_killed_worker_takes_its_script_with_it(tmp_path):
         owner.kill()
         owner.wait(DEADLINE)
 
+
+
+def test_the_attempt_limits_apply_to_the_job(tmp_path):
+    from msp.executor import Limits
+
+    ex = ForkExecutor(sys.executable, limits=Limits(files=64))
+    try:
+        a = assignment(tmp_path, """
+            import resource
+            print(resource.getrlimit(resource.RLIMIT_NOFILE))
+        """)
+        _, outcome, _ = run(ex, a)
+        assert outcome.outcome == "succeeded", outcome.error
+        assert read(a, "stdout.log") == "(64, 64)\n"
+    finally:
+        ex.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run_as needs a root worker")
+def test_run_as_drops_to_the_configured_user(tmp_path):
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody'")
+    # Every folder up to the script must be open to that user.
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="msp-fork-run-as-", dir="/tmp"))
+    shared.chmod(0o755)
+    ex = ForkExecutor(sys.executable, run_as="nobody")
+    try:
+        a = assignment(shared, """
+            import os
+            open("ids.txt", "w").write(f"{os.getuid()} {os.getgid()}")
+            print(os.environ["USER"], os.environ["HOME"])
+        """)
+        _, outcome, _ = run(ex, a)
+        assert outcome.outcome == "succeeded", outcome.error
+        assert read(a, "ids.txt") == f"{nobody.pw_uid} {nobody.pw_gid}"
+        assert read(a, "stdout.log") == f"nobody {nobody.pw_dir}\n"
+        assert (a.scratch / "stdout.log").stat().st_uid == nobody.pw_uid
+    finally:
+        ex.close()
+        shutil.rmtree(shared, ignore_errors=True)
