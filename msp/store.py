@@ -191,6 +191,7 @@ class _Sql:
         self.worker_done = (
             f"UPDATE msp_worker SET jobs_done = jobs_done + 1 WHERE name = {p}"
         )
+        self.credit_limit = f"SELECT credit_limit FROM msp_user WHERE id = {p}"
         self.claim = (
             f"SELECT {cols} FROM msp_job WHERE state = 'queued' "
             f"AND not_before <= {p} ORDER BY priority DESC, id LIMIT {p}"
@@ -304,6 +305,13 @@ class Store:
 
     def user_by_id(self, user_id: int):
         return self.m.User.get_or_none(self.m.User.id == user_id)
+
+    def credit_limit(self, user_id: int) -> float | None:
+        """The user's monthly credit limit; None: none (or no such user).
+        Asked on every submit, so prepared SQL rather than a peewee query
+        (about 1 ms to build on the benchmark machine)."""
+        found = self._exec(self.sql.credit_limit, (user_id,)).fetchone()
+        return None if found is None else found[0]
 
     def users(self) -> list:
         return list(self.m.User.select().order_by(self.m.User.name))

@@ -345,11 +345,11 @@ class ClientHandler:
             )
 
     def _check_credit(self, caller: Caller, wall: float) -> None:
-        user = self.broker.store.user_by_id(caller.user_id)
-        limit = user.credit_limit
+        limit = self.broker.store.credit_limit(caller.user_id)
         if limit is None:
             return
-        spent = self.broker.store.charges(user.id, billing.month_start(wall))
+        spent = self.broker.store.charges(caller.user_id,
+                                          billing.month_start(wall))
         if spent >= limit:
             currency = self.broker.billing.currency
             raise LimitError(
