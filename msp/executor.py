@@ -89,7 +89,22 @@ class Limits:
         }
 
 
-class Running:
+class Stoppable:
+    """An attempt that can be ended early: subclasses set ``_exited`` (an
+    Event), ``_reason`` (None) and define ``_terminate``."""
+
+    def stop(self, reason: str) -> None:
+        """End the attempt: SIGTERM to the whole process tree, SIGKILL after
+        the grace period. ``reason`` becomes the attempt's outcome."""
+        if self._exited.is_set() or self._reason is not None:
+            return
+        self._reason = reason
+        threading.Thread(
+            target=self._terminate, name="msp-kill", daemon=True
+        ).start()
+
+
+class Running(Stoppable):
     """A started attempt. ``stop()`` ends it early with a given outcome."""
 
     def __init__(self, assignment: Assignment, proc: subprocess.Popen,
@@ -190,16 +205,6 @@ class Running:
         if lim.files and "Too many open files" in tail:
             return f"open files limit reached: {lim.files}"
         return None
-
-    def stop(self, reason: str) -> None:
-        """End the attempt: SIGTERM to the whole process tree, SIGKILL after
-        the grace period. ``reason`` becomes the attempt's outcome."""
-        if self._exited.is_set() or self._reason is not None:
-            return
-        self._reason = reason
-        threading.Thread(
-            target=self._terminate, name="msp-kill", daemon=True
-        ).start()
 
     def _terminate(self) -> None:
         pid = self.proc.pid

@@ -75,7 +75,7 @@ from typing import Callable
 
 from . import outputs
 from .executor import (
-    DEFAULT_ENV_ALLOW, Assignment, Limits, Outcome, Running,
+    DEFAULT_ENV_ALLOW, Assignment, Limits, Outcome, Running, Stoppable,
     SubprocessExecutor, _descendants, _kill_group, _signal,
 )
 
@@ -91,7 +91,7 @@ class ForkError(OSError):
     """The fork server could not start a job."""
 
 
-class ForkAttempt:
+class ForkAttempt(Stoppable):
     """A job forked by the server: ``stop()`` ends it early with a given
     outcome; the server's reader thread reports its end with
     :meth:`finish` (or :meth:`abandon`), exactly once."""
@@ -165,16 +165,6 @@ class ForkAttempt:
         _kill_group(self.pid, signal.SIGKILL)
         wall = time.monotonic() - self.started
         self._done(Outcome("lost", None, error, {"wall": wall}))
-
-    def stop(self, reason: str) -> None:
-        """End the attempt: SIGTERM to the whole process tree, SIGKILL after
-        the grace period. ``reason`` becomes the attempt's outcome."""
-        if self._exited.is_set() or self._reason is not None:
-            return
-        self._reason = reason
-        threading.Thread(
-            target=self._terminate, name="msp-kill", daemon=True
-        ).start()
 
     def _terminate(self) -> None:
         pid = self.pid
@@ -404,20 +394,6 @@ class ForkExecutor(SubprocessExecutor):
             log.info("fork server %d ready (%s)", server.proc.pid,
                      self.python)
             return server
-
-    @classmethod
-    def from_config(cls, config) -> "ForkExecutor":
-        """The executor a [worker] section describes."""
-        return cls(
-            config.python, kill_grace=config.kill_grace,
-            env_allow=config.env_allow, run_as=config.run_as,
-            limits=Limits(
-                cpu=config.cpu_limit or None,
-                memory_mb=config.memory_limit_mb or None,
-                files=config.files_limit or None,
-                output_mb=config.output_limit_mb or None,
-            ),
-        )
 
     @property
     def server_pid(self) -> int | None:
