@@ -590,10 +590,12 @@ def run_batch(broker: BrokerProcess, script: Path, data: Path,
               out_root: Path, n: int, clients: int, wait: str = "wait",
               args: list[str] | None = None,
               timeout: float = STEP_TIMEOUT,
-              workers: Iterable[Child] = ()) -> dict:
+              workers: Iterable[Child] = (), batch: int = 1) -> dict:
     """Submit ``n`` jobs from ``clients`` processes at once, each in a
     tight loop, then wait for all of them; the timings.
 
+    ``batch`` 1: a SUBMIT per job; more: SUBMIT_MANY with up to ``batch``
+    jobs each, and WAITs on as many jobs at once.
     ``wait="wait"``: each client then calls WAIT on each of its jobs, in
     order, and the batch ends when the last one returns. ``wait="events"``:
     the clients only submit; the batch ends when the events socket has
@@ -611,7 +613,7 @@ def run_batch(broker: BrokerProcess, script: Path, data: Path,
                 "script": str(script), "data": str(data),
                 "out": str(out_root / f"c{i}"), "count": share,
                 "wait": wait == "wait", "args": args or [],
-                "timeout": timeout,
+                "timeout": timeout, "batch": batch,
             }))
         if wait == "events":
             sub = subscribe(broker.endpoints["events"])
@@ -668,7 +670,8 @@ def _count_final(sub, n: int, timeout: float):
 
 def run_msp(ws: Workspace, script: Path, executor: str, workers: int,
             n: int, clients: int, wait: str = "wait", store: str = "",
-            schema: str | None = None, label: str = "msp") -> dict:
+            schema: str | None = None, label: str = "msp",
+            batch: int = 1) -> dict:
     """A fresh broker (SQLite, durable) and ``workers`` worker processes;
     ``n`` jobs of ``script`` through them (see :func:`run_batch`)."""
     run = ws.run_dir(f"{label}-{executor}-w{workers}")
@@ -678,7 +681,7 @@ def run_msp(ws: Workspace, script: Path, executor: str, workers: int,
         procs.append(broker)
         procs.extend(start_workers(broker, workers, executor, run))
         result = run_batch(broker, script, ws.data, run / "out", n, clients,
-                           wait=wait, workers=procs[1:])
+                           wait=wait, workers=procs[1:], batch=batch)
     finally:
         stop_all(reversed(procs))
         clean(run)
@@ -880,22 +883,44 @@ def _role_client(spec: dict) -> None:
     cpu = os.times()
     out = Path(spec["out"])
     jobs, errors = [], 0
+    batch = spec.get("batch", 1)
     first = time.monotonic()
-    for i in range(spec["count"]):
-        try:
-            jobs.append(c.submit(spec["script"], spec["data"],
-                                 str(out / f"j{i}"), spec["args"]))
-        except MspError:
-            errors += 1
+    if batch > 1:
+        for start in range(0, spec["count"], batch):
+            end = min(start + batch, spec["count"])
+            try:
+                jobs.extend(c.submit_many([
+                    {"script": spec["script"], "data": spec["data"],
+                     "output": str(out / f"j{i}"), "args": spec["args"]}
+                    for i in range(start, end)
+                ]))
+            except MspError:
+                errors += end - start
+    else:
+        for i in range(spec["count"]):
+            try:
+                jobs.append(c.submit(spec["script"], spec["data"],
+                                     str(out / f"j{i}"), spec["args"]))
+            except MspError:
+                errors += 1
     last_submit = time.monotonic()
     states: dict[str, int] = {}
     last_result = None
     if spec["wait"]:
         deadline = time.monotonic() + spec["timeout"]
-        for job in jobs:
-            left = max(0.1, deadline - time.monotonic())
-            state = c.wait(job, timeout=left)["state"]
-            states[state] = states.get(state, 0) + 1
+        if batch > 1:
+            views = []
+            for start in range(0, len(jobs), batch):
+                left = max(0.1, deadline - time.monotonic())
+                views.extend(c.wait_all(jobs[start:start + batch],
+                                        timeout=left))
+        else:
+            views = []
+            for job in jobs:
+                left = max(0.1, deadline - time.monotonic())
+                views.append(c.wait(job, timeout=left))
+        for view in views:
+            states[view["state"]] = states.get(view["state"], 0) + 1
         last_result = time.monotonic()
     c.close()
     end = os.times()

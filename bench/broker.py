@@ -13,6 +13,7 @@ CPU per job says what the broker alone would do with a whole core.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -34,9 +35,14 @@ def main() -> None:
                         help="how the end is seen, comma-separated: 'wait' "
                              "(clients WAIT on every job) and/or 'events' "
                              "(the events socket reports every job's end)")
+    parser.add_argument("--batch", default="1,100",
+                        help="jobs per request, comma-separated: 1 (a "
+                             "SUBMIT and a WAIT per job) and/or more "
+                             "(SUBMIT_MANY and WAIT on that many jobs)")
     args = parser.parse_args()
     stores = [s for s in args.stores.split(",") if s]
     waits = [w for w in args.wait.split(",") if w]
+    batches = [int(b) for b in args.batch.split(",") if b]
     with C.Workspace(args.workdir, args.keep) as ws:
         report = C.Report("broker", DESCRIPTION, args, ws.path)
         if "postgres" in stores:
@@ -47,22 +53,28 @@ def main() -> None:
         script = ws.script("job.py", "pass\n")
         runs: dict[tuple, list[dict]] = {}
         for r in range(args.repeats):
-            for store in stores:
-                for wait in waits:
-                    result = one_run(ws, script, store, wait, args)
-                    runs.setdefault((store, wait), []).append(result)
-                    print(f"repeat {r + 1}: {store:8} {wait:6} "
+            for store, wait, batch in itertools.product(stores, waits,
+                                                        batches):
+                    result = one_run(ws, script, store, wait, batch, args)
+                    runs.setdefault((store, wait, batch), []).append(result)
+                    print(f"repeat {r + 1}: {store:8} {wait:6} batch "
+                          f"{batch:4} "
                           f"{result['jobs_per_s']:7.0f} jobs/s, broker "
                           f"{result['cpu_us_per_job']:6.0f} µs CPU/job, "
                           f"machine {result['machine_cpu_share']:3.0f}% "
                           f"busy, {result['states']}", flush=True)
         rows = []
-        for (store, wait), results in runs.items():
-            key = f"{store}_{wait}"
+        for (store, wait, batch), results in runs.items():
+            key = f"{store}_{wait}_batch{batch}"
             label = {"sqlite": "SQLite, WAL, synchronous FULL",
                      "postgres": "PostgreSQL"}[store]
             how = {"wait": "clients WAIT on each job",
                    "events": "end seen on the events socket"}[wait]
+            if batch > 1:
+                how = how.replace("on each job", f"on {batch} jobs at once")
+                how += f", SUBMIT_MANY of {batch} jobs"
+            else:
+                how += ", a SUBMIT per job"
             rate = report.add(f"{key}_jobs_per_s", C.summary(
                 [x["jobs_per_s"] for x in results], "jobs/s",
                 f"{args.n} noop jobs, {args.clients} client processes, "
@@ -88,7 +100,7 @@ def main() -> None:
             ))
             rows.append([
                 {"sqlite": "SQLite FULL", "postgres": "PostgreSQL"}[store],
-                wait, C.span(rate), C.fmt(cpu["broker"]["median"]),
+                wait, str(batch), C.span(rate), C.fmt(cpu["broker"]["median"]),
                 C.fmt(cpu["workers"]["median"]),
                 C.fmt(cpu["clients"]["median"]),
                 C.fmt(busy["median"]), C.fmt(machine["median"]),
@@ -103,7 +115,8 @@ def main() -> None:
             f"Broker throughput, noop executor, {args.n} jobs, {args.clients}"
             f" clients, {args.workers} workers; median (min–max) of "
             f"{args.repeats}",
-            ["store", "end seen", "jobs/s", "broker µs CPU/job",
+            ["store", "end seen", "jobs per request", "jobs/s",
+             "broker µs CPU/job",
              "workers µs/job", "clients µs/job", "broker % core",
              "machine % busy", "1 core / broker CPU"],
             rows,
@@ -115,32 +128,34 @@ def main() -> None:
         report.finish()
 
 
-def one_run(ws: C.Workspace, script, store: str, wait: str, args) -> dict:
-    run = ws.run_dir(f"{store}-{wait}")
+def one_run(ws: C.Workspace, script, store: str, wait: str, batch: int,
+            args) -> dict:
+    run = ws.run_dir(f"{store}-{wait}-b{batch}")
     procs = []
     try:
         if store == "postgres":
             with C.postgres_schema() as schema:
                 broker = C.BrokerProcess(run, store=C.PG_URL, schema=schema)
                 procs.append(broker)
-                result = _measure(broker, ws, script, run, wait, args, procs)
+                result = _measure(broker, ws, script, run, wait, batch, args, procs)
                 C.stop_all(reversed(procs))
                 procs.clear()
         else:
             broker = C.BrokerProcess(run, sqlite_synchronous="FULL")
             procs.append(broker)
-            result = _measure(broker, ws, script, run, wait, args, procs)
+            result = _measure(broker, ws, script, run, wait, batch, args, procs)
     finally:
         C.stop_all(reversed(procs))
         C.clean(run)
     return result
 
 
-def _measure(broker, ws, script, run, wait, args, procs) -> dict:
+def _measure(broker, ws, script, run, wait, batch, args, procs) -> dict:
     procs.extend(C.start_workers(broker, args.workers, "noop", run))
     workers = procs[1:]
     result = C.run_batch(broker, script, ws.data, run / "out", args.n,
-                         args.clients, wait=wait, workers=workers)
+                         args.clients, wait=wait, workers=workers,
+                         batch=batch)
     if result["states"].get("succeeded") != args.n:
         raise RuntimeError(f"not every job succeeded: {result['states']}")
     result["cpu_us_per_job"] = result["broker_cpu_s"] / args.n * 1e6

@@ -158,23 +158,27 @@ class Client:
         the same ``request_id`` (1 to 64 characters) each time, so that
         however many of its tries reached the broker, one job is made.
         """
-        body: dict[str, Any] = {
-            "request_id": request_id or uuid.uuid4().hex,
-            "script": os.path.abspath(script),
-            "data": os.path.abspath(data),
-            "output": os.path.abspath(output),
-            "args": [str(a) for a in args],
-            "priority": priority,
-            "timeout": timeout,
-            "name": name,
-        }
-        if attempts is not None:
-            body["attempts"] = attempts
-        if cpu is not None:
-            body["cpu"] = cpu
-        if memory is not None:
-            body["memory"] = memory
+        body = job_body(script, data, output, args, priority=priority,
+                    attempts=attempts, timeout=timeout, name=name, cpu=cpu,
+                    memory=memory)
+        body["request_id"] = request_id or uuid.uuid4().hex
         return self._authed("SUBMIT", body)["job"]
+
+    def submit_many(self, jobs, *, request_id: str | None = None
+                    ) -> list[int]:
+        """Queue up to 1000 jobs in one request, all or none; their ids,
+        in order. Each job is a dict of :meth:`submit`'s arguments
+        (``script``, ``data``, ``output`` and any of ``args``,
+        ``priority``, ``attempts``, ``timeout``, ``name``, ``cpu``,
+        ``memory``). A refusal names the job at fault (``jobs[3]: ...``).
+        ``request_id`` (1 to 59 characters) makes a retry safe, as for
+        :meth:`submit`.
+        """
+        body = {
+            "request_id": request_id or uuid.uuid4().hex,
+            "jobs": [job_body(**job) for job in jobs],
+        }
+        return self._authed("SUBMIT_MANY", body)["jobs"]
 
     def status(self, job: int) -> dict:
         """The job and its attempts: ``{"job": {...}, "attempts": [...]}``."""
@@ -193,6 +197,22 @@ class Client:
                 deadline is not None and time.monotonic() >= deadline
             ):
                 return view
+
+    def wait_all(self, jobs: list[int], timeout: float | None = None
+                 ) -> list[dict]:
+        """Block until every one of ``jobs`` (up to 1000 ids) has ended, or
+        ``timeout`` seconds; the jobs, in the order given."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_SLICE if deadline is None else min(
+                WAIT_SLICE, max(0.0, deadline - time.monotonic())
+            )
+            views = self._authed("WAIT", {"jobs": list(jobs), "timeout": left},
+                                 timeout=left + self.timeout)["jobs"]
+            if all(v["state"] in FINAL_STATES for v in views) or (
+                deadline is not None and time.monotonic() >= deadline
+            ):
+                return views
 
     def jobs(self, state: str | None = None, user: str | None = None,
              since: float | None = None, limit: int = 100) -> list[dict]:
@@ -306,3 +326,27 @@ class Events:
             log.debug("dropped an event without a seq")
             return None
         return topic, body
+
+
+def job_body(script: str, data: str, output: str, args=(), *,
+             priority: int = 0, attempts: int | None = None,
+             timeout: float | None = None, name: str | None = None,
+             cpu: float | None = None,
+             memory: int | None = None) -> dict[str, Any]:
+    """A job's fields as SUBMIT carries them; paths made absolute."""
+    body: dict[str, Any] = {
+        "script": os.path.abspath(script),
+        "data": os.path.abspath(data),
+        "output": os.path.abspath(output),
+        "args": [str(a) for a in args],
+        "priority": priority,
+        "timeout": timeout,
+        "name": name,
+    }
+    if attempts is not None:
+        body["attempts"] = attempts
+    if cpu is not None:
+        body["cpu"] = cpu
+    if memory is not None:
+        body["memory"] = memory
+    return body

@@ -59,6 +59,20 @@ _DICT = (dict,)
 _BOOL = (bool,)
 _NONE = (type(None),)
 
+# What a job is made of, in SUBMIT and in each item of SUBMIT_MANY.
+JOB_FIELDS: dict[str, tuple[tuple, bool]] = {
+    "script": (_STR, True),
+    "args": (_LIST, False),
+    "data": (_STR, True),
+    "output": (_STR, True),
+    "priority": (_INT, False),
+    "attempts": (_INT, False),
+    "timeout": (_NUM + _NONE, False),
+    "name": (_STR + _NONE, False),
+    "cpu": (_NUM + _NONE, False),
+    "memory": (_INT + _NONE, False),
+}
+
 # command -> {field: (types, required)}. Fields not listed are refused.
 CLIENT_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
     b"PING": {},
@@ -72,21 +86,21 @@ CLIENT_COMMANDS: dict[bytes, dict[str, tuple[tuple, bool]]] = {
     b"SUBMIT": {
         "token": (_STR, True),
         "request_id": (_STR, True),
-        "script": (_STR, True),
-        "args": (_LIST, False),
-        "data": (_STR, True),
-        "output": (_STR, True),
-        "priority": (_INT, False),
-        "attempts": (_INT, False),
-        "timeout": (_NUM + _NONE, False),
-        "name": (_STR + _NONE, False),
-        "cpu": (_NUM + _NONE, False),
-        "memory": (_INT + _NONE, False),
+        **JOB_FIELDS,
+    },
+    # Many jobs in one request, stored all or none; each item of "jobs"
+    # has the fields of JOB_FIELDS.
+    b"SUBMIT_MANY": {
+        "token": (_STR, True),
+        "request_id": (_STR, True),
+        "jobs": (_LIST, True),
     },
     b"STATUS": {"token": (_STR, True), "job": (_INT, True)},
+    # One of "job" (a job id) and "jobs" (a list of them).
     b"WAIT": {
         "token": (_STR, True),
-        "job": (_INT, True),
+        "job": (_INT, False),
+        "jobs": (_LIST, False),
         "timeout": (_NUM, False),
     },
     b"LIST": {
@@ -245,7 +259,10 @@ def parse(frames: list[bytes], schema: dict, max_size: int) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError("body must be a JSON object")
     _check_values(body, 0)
-    _check_fields(command, body, fields)
+    # Decoded strictly, the bytes hold no surrogate; only a JSON escape
+    # can make one, and only then need the strings be looked at.
+    text = b"\\ud" in raw or b"\\uD" in raw
+    _check_fields(command, body, fields, text)
     return Message(command, body)
 
 
@@ -278,8 +295,19 @@ def _check_values(value: Any, depth: int) -> None:
             _check_values(item, depth + 1)
 
 
-def _check_fields(command: bytes, body: dict, fields: dict) -> None:
-    name = command.decode()
+def check_item(where: str, item: Any, fields: dict) -> dict:
+    """Check one object nested in a body that :func:`parse` returned (an
+    item of a list) against ``fields``; ``where`` names it in errors.
+    (``parse`` has checked the strings of the whole body already.)"""
+    if not isinstance(item, dict):
+        raise ProtocolError(f"{where} must be an object")
+    _check_fields(where, item, fields, False)
+    return item
+
+
+def _check_fields(command: bytes | str, body: dict, fields: dict,
+                  text: bool = True) -> None:
+    name = command if isinstance(command, str) else command.decode()
     for key, value in body.items():
         spec = fields.get(key)
         if spec is None:
@@ -291,7 +319,7 @@ def _check_fields(command: bytes, body: dict, fields: dict) -> None:
         ):
             expected = " or ".join(_type_name(t) for t in types)
             raise ProtocolError(f"{name}: field {key!r} must be {expected}")
-        if not _is_text(value):
+        if text and not _is_text(value):
             raise ProtocolError(f"{name}: field {key!r} is not valid UTF-8")
     for key, (_, required) in fields.items():
         if required and key not in body:

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 MAX_ARGS = 256
 MAX_ARG = 4096
 MAX_WAIT = 60.0
+# Jobs in one SUBMIT_MANY, and in one WAIT.
+MAX_BATCH = 1000
 MAX_TIMEOUT = 30 * 86400.0
 MAX_LIST = 1000
 MAX_LOG_CHUNK = 256 * 1024
@@ -37,6 +39,20 @@ SESSION_CACHE = 10_000
 # Jobs in a STATS snapshot, newest first; and minutes of throughput.
 RECENT = 20
 THROUGHPUT_MINUTES = 15
+
+
+class _Wait:
+    """A client waiting for the end of one or more jobs."""
+
+    __slots__ = ("identity", "jobs", "pending", "deadline", "many")
+
+    def __init__(self, identity: bytes, jobs: list[int], pending: set[int],
+                 deadline: float, many: bool):
+        self.identity = identity
+        self.jobs = jobs
+        self.pending = pending
+        self.deadline = deadline
+        self.many = many
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +73,9 @@ class ClientHandler:
         self.config = broker.config
         # token hash -> (Caller, expires_at); dropped on logout and disable.
         self._sessions: dict[str, tuple[Caller, float]] = {}
-        # job id -> [(identity, deadline)] of clients waiting for its end.
-        self._waiters: dict[int, list[tuple[bytes, float]]] = {}
+        # job id -> the waits that end with it (a wait on several jobs is
+        # under each of the jobs it still waits for).
+        self._waiters: dict[int, list[_Wait]] = {}
         # Password hashing is slow on purpose; it runs off the loop.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="msp-hash")
         c = self.config
@@ -75,6 +92,7 @@ class ClientHandler:
             b"LOGOUT": self._logout,
             b"PASSWD": self._passwd,
             b"SUBMIT": self._submit,
+            b"SUBMIT_MANY": self._submit_many,
             b"STATUS": self._status,
             b"WAIT": self._wait,
             b"LIST": self._list,
@@ -148,26 +166,40 @@ class ClientHandler:
         )
 
     def tick(self, now: float, wall: float) -> None:
-        """Answer the waits whose time is up with the job as it is."""
-        for job_id, waiters in list(self._waiters.items()):
-            due = [w for w in waiters if w[1] <= now]
-            if not due:
-                continue
-            waiters[:] = [w for w in waiters if w[1] > now]
-            if not waiters:
-                del self._waiters[job_id]
-            view = self._view(self.broker.store.job(job_id))
-            for identity, _ in due:
-                self.reply(identity, {"job": view})
+        """Answer the waits whose time is up with the jobs as they are."""
+        due = {}
+        for job_id, waits in list(self._waiters.items()):
+            if any(w.deadline <= now for w in waits):
+                for w in waits:
+                    if w.deadline <= now:
+                        due[id(w)] = w
+                waits[:] = [w for w in waits if w.deadline > now]
+                if not waits:
+                    del self._waiters[job_id]
+        for w in due.values():
+            self._answer(w)
 
     def jobs_ended(self, job_ids: set[int]) -> None:
-        """Answer every client waiting on one of ``job_ids``."""
+        """Answer every client whose wait ends with one of ``job_ids``."""
         for job_id in job_ids:
-            waiters = self._waiters.pop(job_id, None)
-            if waiters:
-                view = self._view(self.broker.store.job(job_id))
-                for identity, _ in waiters:
-                    self.reply(identity, {"job": view})
+            for w in self._waiters.pop(job_id, ()):
+                w.pending.discard(job_id)
+                if not w.pending:
+                    self._answer(w)
+
+    def _answer(self, w: _Wait) -> None:
+        """Reply to a wait with its jobs as they are now; forget it."""
+        for job_id in w.pending:
+            waits = self._waiters.get(job_id)
+            if waits is not None:
+                waits[:] = [x for x in waits if x is not w]
+                if not waits:
+                    del self._waiters[job_id]
+        w.pending = set()
+        store = self.broker.store
+        views = [self._view(store.job(job_id)) for job_id in w.jobs]
+        self.reply(w.identity, {"jobs": views} if w.many else
+                   {"job": views[0]})
 
     # Sessions.
 
@@ -302,31 +334,80 @@ class ClientHandler:
         self._offload(identity, lambda: passwords.hash(password), then)
 
     def _submit(self, identity, caller, body, now, wall):
+        _check_request_id(body["request_id"], 64)
         spec = _check_spec(body, self.config.attempts)
         store = self.broker.store
         known = store.job_by_request(caller.user_id, body["request_id"])
         if known is not None:
             # A retried submit: the first one was stored.
             return {"job": known, "created": False}
-        self._check_limits(spec)
         self._check_credit(caller, wall)
-        checked = paths.check(
-            spec["script"], spec["data"], spec["output"], self.broker.roots
-        )
-        spec.update(script=str(checked.script), data=str(checked.data),
-                    output=str(checked.output))
-        job_id, created = store.submit(
-            caller.user_id, body["request_id"], spec, wall
-        )
-        if created:
-            log.debug("job %d queued for %s", job_id, caller.name)
-            self.broker.publish(
-                "job", event="queued", job=job_id, state="queued", was=None,
-                priority=spec["priority"], user=caller.name,
-                name=spec["name"], script=spec["script"],
-                max_attempts=spec["attempts"],
+        job_id = self._queue(caller, body["request_id"], spec, wall)
+        return {"job": job_id, "created": True}
+
+    def _submit_many(self, identity, caller, body, now, wall):
+        """Many jobs, all or none: a refusal names the item at fault.
+        Item i is stored under the request id "<request_id>/<i>"."""
+        request = body["request_id"]
+        _check_request_id(request, 64 - 5)
+        items = body["jobs"]
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise ProtocolError(
+                f"SUBMIT_MANY: jobs must hold 1 to {MAX_BATCH} jobs"
             )
-        return {"job": job_id, "created": created}
+        specs = []
+        for i, item in enumerate(items):
+            try:
+                protocol.check_item("SUBMIT_MANY", item, protocol.JOB_FIELDS)
+                specs.append(_check_spec(item, self.config.attempts))
+            except MspError as exc:
+                raise type(exc)(f"jobs[{i}]: {exc.message}", exc.code) \
+                    from None
+        store = self.broker.store
+        if store.job_by_request(caller.user_id, f"{request}/0") is not None:
+            # A retried submit: the first one stored them all.
+            ids = [store.job_by_request(caller.user_id, f"{request}/{i}")
+                   for i in range(len(specs))]
+            if None in ids:
+                raise ConflictError(
+                    f"request_id {request!r} was used for fewer jobs"
+                )
+            return {"jobs": ids, "created": False}
+        self._check_credit(caller, wall)
+        ids = []
+        memo: dict = {}
+        for i, spec in enumerate(specs):
+            try:
+                ids.append(self._queue(caller, f"{request}/{i}", spec, wall,
+                                       memo))
+            except MspError as exc:
+                raise type(exc)(f"jobs[{i}]: {exc.message}", exc.code) \
+                    from None
+        return {"jobs": ids, "created": True}
+
+    def _queue(self, caller: Caller, request_id: str, spec: dict,
+               wall: float, memo: dict | None = None) -> int:
+        """Check a new job's limits and paths, store it, announce it."""
+        self._check_limits(spec)
+        checked = paths.check(
+            spec["script"], spec["data"], spec["output"], self.broker.roots,
+            memo,
+        )
+        spec.update(script=checked.script, data=checked.data,
+                    output=checked.output)
+        job_id, created = self.broker.store.submit(
+            caller.user_id, request_id, spec, wall
+        )
+        if not created:
+            raise ConflictError(f"request_id {request_id!r} is taken")
+        log.debug("job %d queued for %s", job_id, caller.name)
+        self.broker.publish(
+            "job", event="queued", job=job_id, state="queued", was=None,
+            priority=spec["priority"], user=caller.name,
+            name=spec["name"], script=spec["script"],
+            max_attempts=spec["attempts"],
+        )
+        return job_id
 
     def _check_limits(self, spec: dict) -> None:
         """The job's own limits must fit under the broker's maxima."""
@@ -372,13 +453,26 @@ class ClientHandler:
         return {"job": self._view(job), "attempts": attempts}
 
     def _wait(self, identity, caller, body, now, wall):
-        job = self._job_for(caller, body["job"])
+        many = "jobs" in body
+        if many == ("job" in body):
+            raise ProtocolError("WAIT: give one of 'job' and 'jobs'")
+        ids = body["jobs"] if many else [body["job"]]
+        if not 1 <= len(ids) <= MAX_BATCH or not all(
+            type(j) is int for j in ids
+        ):
+            raise ProtocolError(
+                f"WAIT: jobs must be a list of 1 to {MAX_BATCH} job ids"
+            )
+        ids = list(dict.fromkeys(ids))
+        jobs = [self._job_for(caller, j) for j in ids]
         timeout = min(max(float(body.get("timeout", 10.0)), 0.0), MAX_WAIT)
-        if job["state"] in FINAL_STATES or timeout == 0:
-            return {"job": self._view(job)}
-        self._waiters.setdefault(job["id"], []).append(
-            (identity, now + timeout)
-        )
+        pending = {j["id"] for j in jobs if j["state"] not in FINAL_STATES}
+        if not pending or timeout == 0:
+            views = [self._view(j) for j in jobs]
+            return {"jobs": views} if many else {"job": views[0]}
+        w = _Wait(identity, ids, pending, now + timeout, many)
+        for job_id in pending:
+            self._waiters.setdefault(job_id, []).append(w)
         return None
 
     def _list(self, identity, caller, body, now, wall):
@@ -636,10 +730,14 @@ def _midnight(wall: float) -> float:
     return day.timestamp()
 
 
+def _check_request_id(request_id: str, most: int) -> None:
+    if not 1 <= len(request_id) <= most:
+        raise ProtocolError(f"request_id must have 1 to {most} characters")
+
+
 def _check_spec(body: dict, default_attempts: int) -> dict:
-    """The job's settings from a SUBMIT body, checked."""
-    if not 1 <= len(body["request_id"]) <= 64:
-        raise ProtocolError("request_id must have 1 to 64 characters")
+    """The job's settings from a SUBMIT body (or an item of SUBMIT_MANY's
+    jobs), checked."""
     args = body.get("args", [])
     if len(args) > MAX_ARGS:
         raise ProtocolError(f"at most {MAX_ARGS} arguments")
