@@ -230,6 +230,44 @@ def _row(columns: Iterable[str], values: Iterable[Any]) -> dict[str, Any]:
     return row
 
 
+class _Savepoint:
+    """A savepoint named by its depth, so that its statements are the same
+    few every time: SQLite's statement cache keeps them compiled. (peewee's
+    own have a fresh random name each, parsed anew each time; the broker
+    opens one per message.)"""
+
+    __slots__ = ("store", "name")
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.name = ""
+
+    def __enter__(self):
+        store = self.store
+        store._savepoints += 1
+        self.name = f"msp_sp{store._savepoints}"
+        store.db.execute_sql(f"SAVEPOINT {self.name}")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        db = self.store.db
+        try:
+            if exc_type is None:
+                try:
+                    db.execute_sql(f"RELEASE SAVEPOINT {self.name}")
+                    return
+                except Exception:
+                    self._undo(db)
+                    raise
+            self._undo(db)
+        finally:
+            self.store._savepoints -= 1
+
+    def _undo(self, db) -> None:
+        db.execute_sql(f"ROLLBACK TO SAVEPOINT {self.name}")
+        db.execute_sql(f"RELEASE SAVEPOINT {self.name}")
+
+
 class Store:
     """The broker's storage. Not thread-safe: one thread owns a Store."""
 
@@ -257,6 +295,8 @@ class Store:
         )
         self.returning = isinstance(self.db, pw.PostgresqlDatabase)
         self.sql = _Sql(self.db.param, self.returning)
+        # Savepoints open now, inside the current transaction.
+        self._savepoints = 0
 
     def _add_missing_columns(self) -> None:
         """Add the columns a newer msp defines to tables an older one made
@@ -282,6 +322,8 @@ class Store:
 
     def atomic(self):
         """A transaction; nested calls make savepoints."""
+        if self.db.in_transaction():
+            return _Savepoint(self)
         return self.db.atomic()
 
     def _exec(self, sql: str, params: tuple = ()):

@@ -743,6 +743,41 @@ def test_atomic_rolls_back(store, alice):
     assert store.jobs() == []
 
 
+def test_a_savepoint_undoes_its_own_writes_only(store, alice):
+    with store.atomic():
+        kept = submit(store, alice, "kept")
+        with pytest.raises(RuntimeError):
+            with store.atomic():
+                submit(store, alice, "inner")
+                with store.atomic():
+                    submit(store, alice, "innermost")
+                raise RuntimeError("boom")
+        # The same depth again, after the rollback: a fresh savepoint.
+        with store.atomic():
+            after = submit(store, alice, "after")
+        with pytest.raises(RuntimeError):
+            with store.atomic():
+                with store.atomic():
+                    submit(store, alice, "deep")
+                    raise RuntimeError("boom")
+    assert sorted(j["id"] for j in store.jobs()) == [kept, after]
+    assert store._savepoints == 0
+
+
+def test_a_failed_statement_in_a_savepoint_leaves_the_transaction_usable(
+    store, alice
+):
+    with store.atomic():
+        first = submit(store, alice, "first")
+        with pytest.raises(Exception):
+            with store.atomic():
+                store._exec("INSERT INTO no_such_table VALUES (1)")
+        # PostgreSQL aborts a transaction on an error until the rollback
+        # to the savepoint: this statement proves it happened.
+        second = submit(store, alice, "second")
+    assert sorted(j["id"] for j in store.jobs()) == [first, second]
+
+
 def test_reopening_keeps_the_data(store, alice, tmp_path):
     if store.url.startswith("sqlite"):
         job_id = submit(store, alice, "r")

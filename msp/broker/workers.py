@@ -311,8 +311,7 @@ class WorkerHandler:
                             "token", job=job_id, token=token)
             return
         if not peer.stale:
-            with self.broker.store.atomic():
-                self._record(peer, body, wall)
+            self._record(peer, body, wall)
         self._release(peer)
         self._send(identity, protocol.ACK, ack)
         if peer.draining:
