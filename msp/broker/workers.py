@@ -85,6 +85,10 @@ def decide(job: dict, outcome: str, config, wall: float) -> Decision:
     return Decision("queued", failed=1, not_before=wall + delay)
 
 
+# Messages whose handlers write nothing to the store: no savepoint.
+_READ_ONLY = frozenset((protocol.HEARTBEAT, protocol.STARTED))
+
+
 class WorkerHandler:
     def __init__(self, broker):
         self.broker = broker
@@ -155,7 +159,7 @@ class WorkerHandler:
         elif not self._admit(identity, msg.body, wall, address):
             return
         handler = self._handlers[msg.command]
-        if msg.command == protocol.HEARTBEAT:
+        if msg.command in _READ_ONLY:
             handler(identity, peer, msg.body, now, wall)
             return
         # A savepoint, so that a failure halfway leaves no writes behind.
