@@ -154,3 +154,28 @@ def test_workers_joining_draining_and_leaving_are_published(
     # And the worker is gone from them once it left.
     wait_for(lambda: [b["workers"] for t, b in seen.drain()
                       if t == "broker"][-1] == [])
+
+
+def test_the_broker_encodes_only_what_someone_subscribed_to(
+    make_cluster, zmq_context
+):
+    cluster = make_cluster(workers=0)
+    broker = cluster.broker
+    assert broker._topics == set()
+
+    jobs_only = zmq_context.socket(zmq.SUB)
+    jobs_only.linger = 0
+    jobs_only.setsockopt(zmq.SUBSCRIBE, b"job")
+    jobs_only.connect(broker.endpoints["events"])
+    wait_for(lambda: broker._topics == {b"job"},
+             message="the subscription to reach the broker")
+    c = cluster.admin()
+    job = c.submit(cluster.script("ok.py", OK), cluster.data,
+                   cluster.output())
+    assert jobs_only.poll(5000)
+    topic, body = jobs_only.recv_multipart()
+    assert topic == b"job" and f'"job":{job}'.encode() in body
+
+    jobs_only.close(0)
+    wait_for(lambda: broker._topics == set(),
+             message="the unsubscription to reach the broker")

@@ -9,7 +9,9 @@ commit per turn rather than one per message.
 Events (``docs/protocol.md``, section 10) leave in the order their changes
 were made, numbered by ``seq`` within the broker's ``run``; a STATS reply
 names the last ``seq`` its figures include, so that a subscriber can join
-the two.
+the two. The events socket is an XPUB: the broker knows which topics
+someone subscribed to, and encodes and sends no event nobody asked for
+(its ``seq`` is taken all the same).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Broker:
         self._sockets: dict[str, zmq.Socket] = {}
         self._outbox: list[tuple[str, list[bytes]]] = []
         self._events: list[tuple[bytes, dict]] = []
+        # Topic prefixes some subscriber of the events socket asked for.
+        self._topics: set[bytes] = set()
         self._ended: set[int] = set()
         # Names this run of the broker in every event: seq starts again at
         # 1 on a restart, and a subscriber must not take the new numbers
@@ -115,7 +119,7 @@ class Broker:
             # XXX: the stream is not authenticated: whoever can connect
             # sees every user's names, scripts and errors. Keep it on ipc,
             # loopback or a trusted network, like the other sockets.
-            self._bind("events", zmq.PUB, self.config.events_endpoint)
+            self._bind("events", zmq.XPUB, self.config.events_endpoint)
         self.open_store()
         log.info(
             "broker up: clients %s, workers %s, events %s, store %s%s",
@@ -356,10 +360,26 @@ class Broker:
         # CURVE keeps strangers off, but not one user off another's jobs.
         pub = self._sockets.get("events")
         if pub is not None:
+            topics = self._subscriptions(pub)
             for topic, body in self._events:
-                data = json.dumps(body, separators=(",", ":")).encode()
-                pub.send_multipart([topic, data])
+                if any(topic.startswith(t) for t in topics):
+                    data = json.dumps(body, separators=(",", ":")).encode()
+                    pub.send_multipart([topic, data])
         self._events.clear()
+
+    def _subscriptions(self, pub: zmq.Socket) -> set[bytes]:
+        """The topics subscribed to now, after the (un)subscriptions that
+        arrived since the last look (XPUB passes the first subscription to
+        a topic and the last unsubscription)."""
+        while True:
+            try:
+                message = pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return self._topics
+            if message[:1] == b"\x01":
+                self._topics.add(message[1:])
+            elif message[:1] == b"\x00":
+                self._topics.discard(message[1:])
 
     # What handlers call.
 
