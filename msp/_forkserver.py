@@ -1,11 +1,34 @@
-"""The fork server's own process: see :mod:`msp.forkserver`.
+"""The job server's own process: see :mod:`msp.executor`.
 
-This file is run by path, ``python _forkserver.py FD [MODULE...]``, in the
-interpreter that runs the jobs, which need not have msp installed: it uses
-the standard library only. It imports the given modules once, then serves
-requests on the socket ``FD``: for each it forks a child that becomes a job,
-and it reports each child's pid and, once it has reaped it with ``wait4``,
-its wait status and resource usage.
+This file is run by path, ``python _forkserver.py FD [MODULE...]``: by the
+subprocess executor as ``python -I -S`` on the worker's interpreter, by the
+fork executor (:mod:`msp.forkserver`) in the interpreter that runs the
+jobs, which need not have msp installed: it uses the standard library only.
+It imports the given modules once, then serves requests on the socket
+``FD``: for each it forks a child that becomes a job, either by executing
+the job's interpreter on the script (a request with ``exec``) or by running
+the script itself (the fork executor), and it reports each child's pid and,
+once it has reaped it with ``wait4``, its wait status and resource usage.
+
+The server is the subreaper of its jobs (Linux's PR_SET_CHILD_SUBREAPER):
+whatever a job starts and leaves, even detached from its session, comes
+back to it as its child. When a job ends and no other job runs, the server
+kills the job's group and every such stray with SIGKILL, reaps them, and
+only then reports the job's end, with their CPU time added to the job's and
+the largest peak memory of them all. A server runs one job at a time in
+practice (a worker runs one); strays are left alone while another job
+runs, since they may be its.
+
+Why fork from here rather than from the worker: a forked child's peak
+resident size (ru_maxrss) counts the pages of the process it was forked
+from, so a trivial script forked from the worker would report the worker's
+size; this server is small (and with ``-I -S`` about an interpreter's
+baseline). Setting limits here, single-threaded, also spares the worker a
+preexec_fn in a multi-threaded process.
+
+When the worker's end of the socket closes (the worker ended, even by
+kill -9), the server kills its jobs' groups and strays and exits; each job
+gets SIGKILL if the server itself dies (PR_SET_PDEATHSIG).
 
 Messages both ways are JSON objects, each behind a 4-byte big-endian
 length. The server is single-threaded, so forking it is safe.
@@ -14,19 +37,24 @@ length. The server is single-threaded, so forking it is safe.
 import atexit
 import ctypes
 import gc
-import importlib.util
 import io
 import json
 import os
+import resource
 import runpy
 import select
 import signal
 import struct
 import sys
+import time
 
 HEADER = struct.Struct("!I")
 PR_SET_PDEATHSIG = 1
-set_limits = None  # launch.set_limits, loaded by main()
+PR_SET_CHILD_SUBREAPER = 36
+# Seconds between the CPU limit's SIGXCPU and the kernel's SIGKILL.
+CPU_GRACE = 1
+# How long the server waits for a job's strays to die once it ended.
+REAP_PATIENCE = 5.0
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux: no such safeguard
@@ -36,17 +64,12 @@ except (OSError, AttributeError):  # not Linux: no such safeguard
 def main(argv):
     fd = int(argv[1])
     here = os.path.dirname(os.path.abspath(__file__))
-    # The launcher's limits, loaded under a name no script imports.
-    global set_limits
-    spec = importlib.util.spec_from_file_location(
-        "_msp_launch", os.path.join(here, "launch.py"))
-    launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)
-    set_limits = launch.set_limits
     # Run by path, this file's folder (msp/) came first on sys.path; a
     # script importing "config" or "paths" must not find msp's modules.
     if sys.path and os.path.abspath(sys.path[0] or ".") == here:
         del sys.path[0]
+    if _prctl is not None:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     failed = {}
     for name in argv[2:]:
         try:
@@ -66,11 +89,39 @@ def main(argv):
     Server(fd).serve(failed)
 
 
+def set_limits(limits):
+    """The attempt's limits on this process: {"cpu": s, "memory": bytes,
+    "files": n, "fsize": bytes}, a missing or null one meaning none."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    cpu = limits.get("cpu")
+    if cpu:
+        seconds = max(1, int(-(-cpu // 1)))
+        resource.setrlimit(resource.RLIMIT_CPU,
+                           (seconds, seconds + CPU_GRACE))
+    for key, which in (("memory", resource.RLIMIT_AS),
+                       ("files", resource.RLIMIT_NOFILE),
+                       ("fsize", resource.RLIMIT_FSIZE)):
+        value = limits.get(key)
+        if value:
+            _, hard = resource.getrlimit(which)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(which, (value, value))
+
+
 class Server:
     def __init__(self, fd):
         self.fd = fd
         self.pid = os.getpid()
-        self.children = {}  # pid -> request id
+        # pid -> (request id, read end of the exec error pipe or None)
+        self.children = {}
+        # Jobs reaped, not yet reported: (job, status, usage).
+        self.ended = []
+        # [user s, system s, peak kB] of the strays reaped since the last
+        # report: the next job's to report.
+        self.strays = [0.0, 0.0, 0]
+        # Until when the server waits for strays to die, while it does.
+        self.patience = None
         self.inbox = bytearray()
 
     def send(self, message):
@@ -83,7 +134,6 @@ class Server:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
-        self.wake = (wake_r, wake_w)
         # SIGCHLD only has to interrupt the poll; reaping happens below.
         signal.signal(signal.SIGCHLD, _ignore)
         signal.set_wakeup_fd(wake_w)
@@ -92,17 +142,15 @@ class Server:
         poller.register(wake_r, select.POLLIN)
         self.send({"hello": os.getpid(), "failed": failed})
         while True:
-            for fd, _ in poller.poll():
+            # While strays die, look again now and then for more of them.
+            timeout = None if self.patience is None else 50
+            for fd, _ in poller.poll(timeout):
                 if fd == wake_r:
                     _drain(wake_r)
                 elif not self.receive():
                     # The worker is gone (it closed us, or it died): its
-                    # jobs go with it, as the subprocess executor's do.
-                    for pid in self.children:
-                        try:
-                            os.killpg(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
+                    # jobs go with it.
+                    self.shutdown()
                     return
             self.reap()
 
@@ -121,25 +169,73 @@ class Server:
         return True
 
     def reap(self):
-        while self.children:
+        """Reap what ended; report the jobs among them once their strays
+        are gone too."""
+        while True:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
+                pid = -1  # no child left at all: the common case
+            if pid <= 0:
+                break
+            usage = [ru.ru_utime, ru.ru_stime, ru.ru_maxrss]
+            job = self.children.pop(pid, None)
+            if job is None:
+                _add(self.strays, usage)
+            else:
+                # What the job left in its group goes with it.
+                _killpg(pid)
+                self.ended.append((job, status, usage))
+        if not self.ended:
+            return
+        if pid == 0 and not self.children:
+            # Children remain and none is a job: strays (or the job's
+            # group, not dead yet).
+            now = time.monotonic()
+            if self.patience is None:
+                self.patience = now + REAP_PATIENCE
+            if now < self.patience:
+                _kill_children(self.pid)
                 return
-            if pid == 0:
+            # XXX: a stray that SIGKILL does not end within REAP_PATIENCE
+            # (stuck in the kernel) is counted with the next job, if it
+            # ever ends: its usage is then billed to the wrong job.
+        self.patience = None
+        ended, self.ended = self.ended, []
+        for (ident, errors), status, usage in ended:
+            if not self.children:
+                # No other job runs: the strays were this one's.
+                _add(usage, self.strays)
+                self.strays = [0.0, 0.0, 0]
+            message = {"id": ident, "exit": status, "rusage": usage}
+            if errors is not None:
+                error = _read_all(errors)
+                if error:
+                    message["exec_error"] = error.decode(errors="replace")
+            self.send(message)
+
+    def shutdown(self):
+        """Kill every job's group and every child, reap them, and return."""
+        deadline = time.monotonic() + REAP_PATIENCE
+        while True:
+            for pid in self.children:
+                _killpg(pid)
+            _kill_children(self.pid)
+            try:
+                while os.wait4(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
                 return
-            ident = self.children.pop(pid, None)
-            if ident is not None:
-                self.send({
-                    "id": ident, "exit": status,
-                    "rusage": [ru.ru_utime, ru.ru_stime, ru.ru_maxrss],
-                })
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
     def run(self, req):
         ident = req["id"]
         # Opened here, before the fork, so that a failure is reported as
         # the attempt's error rather than lost inside the child.
         opened = []
+        errors = None
         try:
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
             opened.append(os.open(req["cwd"], flags))
@@ -149,22 +245,76 @@ class Server:
             if req.get("user"):
                 for fd in opened[1:]:
                     os.fchown(fd, *req["user"])
+            if req.get("exec"):
+                # The child says here why it could not exec; a successful
+                # exec closes it (both ends are close-on-exec).
+                errors, report = os.pipe()
+                opened.append(report)
             pid = os.fork()
         except OSError as exc:
             for fd in opened:
                 os.close(fd)
+            if errors is not None:
+                os.close(errors)
             self.send({"id": ident, "error": str(exc)})
             return
         if pid == 0:
             _child(req, self.pid, *opened)  # never returns
         for fd in opened:
             os.close(fd)
-        self.children[pid] = ident
+        if errors is not None:
+            os.set_blocking(errors, False)
+        self.children[pid] = (ident, errors)
         self.send({"id": ident, "pid": pid})
 
 
 def _ignore(signum, frame):
     pass
+
+
+def _add(total, usage):
+    total[0] += usage[0]
+    total[1] += usage[1]
+    total[2] = max(total[2], usage[2])
+
+
+def _killpg(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _kill_children(me):
+    """SIGKILL every child of this process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _read_all(fd):
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _drain(fd):
@@ -175,9 +325,11 @@ def _drain(fd):
         pass
 
 
-def _child(req, server_pid, cwd_fd, out_fd, err_fd):
-    """Become the job: a fresh session, the job's files, folder,
-    environment and argv; then run the script as __main__ and exit."""
+def _child(req, server_pid, cwd_fd, out_fd, err_fd, report_fd=None):
+    """Become the job: a fresh session, the job's limits, user, files and
+    folder; then exec the job's interpreter on the script (``exec``), or
+    run the script here as __main__ with the job's environment and argv,
+    and exit."""
     code = 1
     try:
         os.setsid()
@@ -188,7 +340,8 @@ def _child(req, server_pid, cwd_fd, out_fd, err_fd):
             os.setgid(gid)
             os.setuid(uid)
         # Killed with the server, whose death would leave nobody to report
-        # or stop the job (asked after setuid, which clears it).
+        # or stop the job (asked after setuid, which clears it; an exec
+        # keeps it).
         if _prctl is not None:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != server_pid:
@@ -200,6 +353,8 @@ def _child(req, server_pid, cwd_fd, out_fd, err_fd):
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
         os.fchdir(cwd_fd)
+        if report_fd is not None:
+            _exec(req, report_fd)  # returns only by an exception
         # The control socket and every other descriptor of the server.
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         env = req["env"]
@@ -217,12 +372,41 @@ def _child(req, server_pid, cwd_fd, out_fd, err_fd):
         code = _run_script(script)
         code = _finalize(code)
     except BaseException as exc:
+        message = str(exc) if isinstance(exc, _ExecError) else \
+            f"cannot start the script: {exc}"
         try:
-            os.write(2, f"msp: cannot start the script: {exc}\n".encode())
+            if report_fd is not None:
+                code = 127
+                os.write(report_fd, message.encode())
+            else:
+                os.write(2, f"msp: {message}\n".encode())
         except OSError:
             pass
     finally:
         os._exit(code)
+
+
+class _ExecError(Exception):
+    pass
+
+
+def _exec(req, report_fd):
+    """Replace this child with ``python script args...`` as python would be
+    started by a shell: default signal dispositions, descriptors 0-2 only
+    (and ``report_fd``, closed by the exec)."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    os.closerange(3, report_fd)
+    os.closerange(report_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    python = req["exec"]
+    argv = [python, req["script"], *req["args"]]
+    try:
+        if os.sep in python:
+            os.execve(python, argv, req["env"])
+        else:
+            os.execvpe(python, argv, req["env"])
+    except OSError as exc:
+        raise _ExecError(f"cannot start {python}: {exc}") from None
 
 
 def _std_streams(unbuffered):

@@ -1,13 +1,27 @@
 """How a worker runs a job's script.
 
-:class:`SubprocessExecutor` starts the configured interpreter on the script
-through the launcher (msp/launch.py) in a new session (so the job has a
-process group of its own), with a scrubbed environment, no standard input,
-stdout and stderr written to files in the attempt's scratch folder, the
-limits of the config and the job (CPU seconds, address space, open files,
-file size), and, when the worker is root, as the configured unprivileged
-user. The launcher reaps the script's whole tree and reports its CPU time
-and peak memory; a thread per job waits for the launcher with ``wait4``.
+:class:`SubprocessExecutor` runs ``PYTHON SCRIPT ARGS...`` for each job:
+the configured interpreter on the script, in a new session (so the job has
+a process group of its own), with a scrubbed environment, no standard
+input, stdout and stderr written to files in the attempt's scratch folder,
+the scratch folder as working directory, the limits of the config and the
+job (CPU seconds, address space, open files, file size), and, when the
+worker is root, as the configured unprivileged user.
+
+It does not start the script itself: each worker has a small job server
+(msp/_forkserver.py, standard library only, started with the first job
+under the worker's own interpreter as ``python -I -S``) that forks a child
+per job; the child sets all of the above up and execs the interpreter on
+the script. A job thus costs one fork of a small process and the exec,
+as starting ``python script.py`` directly would. The server is the
+subreaper of the jobs' trees: when the script ends, it kills what the
+script left (its group, and whatever detached from it and so came back to
+the server), reaps it all with ``wait4``, and reports the exit status with
+the CPU time of the whole tree and the largest peak memory of any process
+of it. If the worker dies, the server kills the jobs' trees and exits; if
+the server dies, its job is killed (parent-death signal) and reported
+lost, and the next job starts a new server.
+
 :class:`NoopExecutor` runs nothing; benchmarks use it to measure msp alone.
 """
 
@@ -19,11 +33,15 @@ import logging
 import os
 import pwd
 import signal
+import socket
+import struct
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import psutil
@@ -35,11 +53,11 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_ENV_ALLOW = ENV_ALLOW
-LAUNCHER = Path(__file__).with_name("launch.py")
+SERVER = Path(__file__).with_name("_forkserver.py")
+HEADER = struct.Struct("!I")
 MIB = 1 << 20
-# After the grace period, how long the launcher gets to report once the
-# script's tree is killed, before it is killed too.
-REPORT_PATIENCE = 2.0
+# How long a request for a job may take before the server is deemed hung.
+REQUEST_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +98,8 @@ class Limits:
     files: int | None = None
     output_mb: int | None = None
 
-    def for_launcher(self) -> dict:
+    def for_server(self) -> dict:
+        """As the job server sets them (bytes, not MiB)."""
         return {
             "cpu": self.cpu,
             "memory": self.memory_mb and self.memory_mb * MIB,
@@ -89,9 +108,39 @@ class Limits:
         }
 
 
-class Stoppable:
-    """An attempt that can be ended early: subclasses set ``_exited`` (an
-    Event), ``_reason`` (None) and define ``_terminate``."""
+class ServerError(OSError):
+    """The job server could not start a job."""
+
+
+class Running:
+    """A started attempt: ``stop()`` ends it early with a given outcome;
+    the server's reader thread reports its end with :meth:`finish` (or
+    :meth:`abandon`), exactly once."""
+
+    def __init__(self, assignment: Assignment, pid: int, grace: float,
+                 done: Callable[[Outcome], None], started: float,
+                 limits: Limits = Limits()):
+        self.assignment = assignment
+        self.pid = pid
+        self.grace = grace
+        self.limits = limits
+        self.started = started
+        self.deadline = (
+            None if assignment.timeout is None
+            else started + assignment.timeout
+        )
+        self._done = done
+        self._reason: str | None = None
+        self._exited = threading.Event()
+        self._once = threading.Lock()
+
+    def _claim(self) -> bool:
+        """True for the one caller that reports the end."""
+        with self._once:
+            if self._exited.is_set():
+                return False
+            self._exited.set()
+            return True
 
     def stop(self, reason: str) -> None:
         """End the attempt: SIGTERM to the whole process tree, SIGKILL after
@@ -103,86 +152,44 @@ class Stoppable:
             target=self._terminate, name="msp-kill", daemon=True
         ).start()
 
-
-class Running(Stoppable):
-    """A started attempt. ``stop()`` ends it early with a given outcome."""
-
-    def __init__(self, assignment: Assignment, proc: subprocess.Popen,
-                 grace: float, done: Callable[[Outcome], None],
-                 limits: Limits = Limits(), report: int | None = None):
-        self.assignment = assignment
-        self.proc = proc
-        self.grace = grace
-        self.limits = limits
-        self._report = report
-        self.started = time.monotonic()
-        self.deadline = (
-            None if assignment.timeout is None
-            else self.started + assignment.timeout
-        )
-        self._done = done
-        self._reason: str | None = None
-        self._exited = threading.Event()
-        self._waiter = threading.Thread(
-            target=self._wait, name=f"msp-job-{assignment.job}", daemon=True
-        )
-        self._waiter.start()
-
-    def _wait(self) -> None:
-        pid = self.proc.pid
-        _, status, rusage = os.wait4(pid, 0)
-        wall = time.monotonic() - self.started
-        # wait4 reaped it; tell Popen so that it does not try again.
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
-        self._exited.set()
-        # Whatever the script left behind in its group goes with it.
-        _kill_group(pid, signal.SIGKILL)
-        report = _read_report(self._report)
-        if "exec_error" in report:
-            self._done(Outcome("error", None, report["exec_error"],
-                               {"wall": wall}))
+    def finish(self, status: int, rusage, exec_error: str | None = None
+               ) -> None:
+        """The server reaped the script and what it left: report its
+        outcome."""
+        if not self._claim():
             return
-        if "status" in report:
-            code = os.waitstatus_to_exitcode(report["status"])
-            usage = {
-                "wall": wall, "user": report["user"],
-                "system": report["system"],
-                "max_rss_kb": report["max_rss_kb"],
-            }
-        else:
-            # XXX: the launcher was killed before it could report (the
-            # script killed it, or it outlived the grace); the usage is then
-            # the launcher's as wait4 saw it: its peak memory counts the
-            # worker's, and a script it had not reaped is not counted.
-            log.warning("job %d: the launcher left no report",
-                        self.assignment.job)
-            code = self.proc.returncode
-            usage = {
-                "wall": wall, "user": rusage.ru_utime,
-                "system": rusage.ru_stime, "max_rss_kb": rusage.ru_maxrss,
-            }
+        wall = time.monotonic() - self.started
+        if exec_error is not None:
+            self._done(Outcome("error", None, exec_error, {"wall": wall}))
+            return
+        usage = {
+            "wall": wall, "user": rusage.ru_utime,
+            "system": rusage.ru_stime, "max_rss_kb": rusage.ru_maxrss,
+        }
+        code = os.waitstatus_to_exitcode(status)
+        self._done(self._outcome(code, usage))
+
+    def _outcome(self, code: int, usage: dict) -> Outcome:
         reason = self._reason
         if reason is not None:
-            if reason == "timed_out":
+            if reason == "timed_out" and self.assignment.timeout:
                 error = f"timed out after {self.assignment.timeout:g} s"
             elif reason == "lost":
                 error = "the worker gave the attempt up"
             else:
                 error = reason
-            outcome = Outcome(reason, code, error, usage)
-        elif code == 0:
-            outcome = Outcome("succeeded", 0, None, usage)
+            return Outcome(reason, code, error, usage)
+        if code == 0:
+            return Outcome("succeeded", 0, None, usage)
+        tail = outputs.tail(self.assignment.scratch / outputs.STDERR)
+        limit = self._limit_hit(code, usage, tail)
+        if limit is not None:
+            error = f"{limit}\n{tail}".strip()
+        elif code < 0:
+            error = f"killed by signal {-code}\n{tail}".strip()
         else:
-            tail = outputs.tail(self.assignment.scratch / outputs.STDERR)
-            limit = self._limit_hit(code, usage, tail)
-            if limit is not None:
-                error = f"{limit}\n{tail}".strip()
-            elif code < 0:
-                error = f"killed by signal {-code}\n{tail}".strip()
-            else:
-                error = tail
-            outcome = Outcome("failed", code, error, usage)
-        self._done(outcome)
+            error = tail
+        return Outcome("failed", code, error, usage)
 
     def _limit_hit(self, code: int, usage: dict, tail: str) -> str | None:
         """Which limit ended the script, if one did."""
@@ -206,37 +213,216 @@ class Running(Stoppable):
             return f"open files limit reached: {lim.files}"
         return None
 
+    def abandon(self, error: str) -> None:
+        """The server died: its job's status is lost with it."""
+        if not self._claim():
+            return
+        _kill_group(self.pid, signal.SIGKILL)
+        wall = time.monotonic() - self.started
+        self._done(Outcome("lost", None, error, {"wall": wall}))
+
     def _terminate(self) -> None:
-        pid = self.proc.pid
+        pid = self.pid
         tree = _descendants(pid)
         _kill_group(pid, signal.SIGTERM)
         for proc in tree:
             _signal(proc, signal.SIGTERM)
         if self._exited.wait(self.grace):
-            # The script is gone; its children may not be.
-            tree = [p for p in tree if p.is_running()]
-        else:
-            # Kill the script's tree but not the launcher (pid), so that it
-            # reaps the tree and reports what it used.
-            deadline = time.monotonic() + REPORT_PATIENCE
-            while time.monotonic() < deadline:
-                for proc in _descendants(pid):
-                    _signal(proc, signal.SIGKILL)
-                if self._exited.wait(0.2):
-                    break
-            tree += _descendants(pid)
+            # The script is gone; the server killed what it left.
+            return
+        tree += _descendants(pid)
         _kill_group(pid, signal.SIGKILL)
         for proc in tree:
             _signal(proc, signal.SIGKILL)
 
 
+class _Slot:
+    """A request in flight: the start() waiting for the server's reply."""
+
+    __slots__ = ("assignment", "done", "grace", "started", "limits",
+                 "event", "attempt", "error")
+
+    def __init__(self, assignment, done, grace, started, limits):
+        self.assignment = assignment
+        self.done = done
+        self.grace = grace
+        self.started = started
+        self.limits = limits
+        self.event = threading.Event()
+        self.attempt: Running | None = None
+        self.error: str | None = None
+
+
+class _Server:
+    """One job-server process (msp/_forkserver.py) and the thread that
+    reads its replies."""
+
+    def __init__(self, command: list[str], env: dict,
+                 preload: tuple[str, ...] = (), name: str = "job server"):
+        self.name = name
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [*command, str(SERVER), str(theirs.fileno()), *preload],
+                pass_fds=(theirs.fileno(),), env=env, cwd="/",
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                # Not in the worker's group: a ^C meant for the worker must
+                # not kill the server; the worker closes it when it leaves.
+                start_new_session=True,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.alive = True
+        # The tables below; never held while writing to the socket, so
+        # that the reader can always take it and keep the server unblocked.
+        self._lock = threading.Lock()
+        # Whole messages on the socket, one at a time.
+        self._send_lock = threading.Lock()
+        self._next = 0
+        self._slots: dict[int, _Slot] = {}
+        self._running: dict[int, Running] = {}
+        self._hello = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read, name="msp-jobserver", daemon=True
+        )
+        self._reader.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._hello.wait(timeout)
+
+    def run(self, request: dict, slot: _Slot, timeout: float) -> Running:
+        with self._lock:
+            if not self.alive:
+                raise ServerError(f"the {self.name} is not running")
+            self._next += 1
+            ident = self._next
+            self._slots[ident] = slot
+        data = json.dumps({"id": ident, **request}).encode()
+        try:
+            with self._send_lock:
+                self.sock.sendall(HEADER.pack(len(data)) + data)
+        except OSError as exc:
+            with self._lock:
+                self._slots.pop(ident, None)
+            raise ServerError(f"the {self.name} is gone: {exc}") from None
+        if not slot.event.wait(timeout):
+            with self._lock:
+                self._slots.pop(ident, None)
+            # A reply may still come; without its slot it starts nothing
+            # we know of, so the server is not to be trusted any more.
+            self.close()
+            raise ServerError(
+                f"the {self.name} did not answer in {timeout} s")
+        if slot.error is not None:
+            raise ServerError(slot.error)
+        return slot.attempt
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout)
+        self.sock.close()
+
+    # The reader thread.
+
+    def _read(self) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= HEADER.size:
+                    (size,) = HEADER.unpack_from(buf)
+                    if len(buf) < HEADER.size + size:
+                        break
+                    message = json.loads(buf[HEADER.size:HEADER.size + size])
+                    del buf[:HEADER.size + size]
+                    self._on_message(message)
+        except (OSError, ValueError) as exc:
+            log.error("%s: bad reply: %s", self.name, exc)
+        finally:
+            self._died()
+
+    def _on_message(self, message: dict) -> None:
+        if "hello" in message:
+            for name, error in message["failed"].items():
+                log.warning("%s could not preload %s: %s",
+                            self.name, name, error)
+            self._hello.set()
+            return
+        ident = message["id"]
+        if "exit" in message:
+            with self._lock:
+                attempt = self._running.pop(ident, None)
+            if attempt is not None:
+                utime, stime, maxrss = message["rusage"]
+                try:
+                    attempt.finish(message["exit"], SimpleNamespace(
+                        ru_utime=utime, ru_stime=stime, ru_maxrss=maxrss,
+                    ), message.get("exec_error"))
+                except Exception:
+                    # This thread serves every job: one bad report must
+                    # not stop it.
+                    log.exception("job %d: reporting its end failed",
+                                  attempt.assignment.job)
+            return
+        with self._lock:
+            slot = self._slots.pop(ident, None)
+            if slot is not None and "pid" in message:
+                slot.attempt = Running(
+                    slot.assignment, message["pid"], slot.grace, slot.done,
+                    slot.started, slot.limits,
+                )
+                # Registered before the exit report, which comes next.
+                self._running[ident] = slot.attempt
+        if slot is not None:
+            slot.error = message.get("error")
+            slot.event.set()
+
+    def _died(self) -> None:
+        with self._lock:
+            self.alive = False
+            slots, self._slots = self._slots, {}
+            running, self._running = self._running, {}
+        self._hello.set()
+        code = self.proc.poll()
+        if running or slots:
+            log.error("%s %d ended (status %s) with %d job(s)",
+                      self.name, self.proc.pid, code, len(running))
+        for slot in slots.values():
+            slot.error = f"the {self.name} ended"
+            slot.event.set()
+        for attempt in running.values():
+            attempt.abandon(f"the {self.name} ended while the job ran")
+
+
 class SubprocessExecutor:
+    """Runs each job as ``python script args...``, exec'd from a fork of
+    the job server; see the module."""
+
+    server_name = "job server"
+
     def __init__(self, python: str, *, kill_grace: float = 5.0,
                  env_allow=DEFAULT_ENV_ALLOW, environ=None,
-                 limits: Limits = Limits(), run_as: str = ""):
+                 limits: Limits = Limits(), run_as: str = "",
+                 start_timeout: float = 30.0):
         self.python = python
         self.kill_grace = kill_grace
         self.limits = limits
+        self.start_timeout = start_timeout
         environ = os.environ if environ is None else environ
         self.base_env = {k: environ[k] for k in env_allow if k in environ}
         self.user = _user(run_as)
@@ -247,6 +433,8 @@ class SubprocessExecutor:
         elif os.geteuid() == 0:
             log.warning("the worker runs as root and [worker] run_as is "
                         "empty: scripts run as root")
+        self._server: _Server | None = None
+        self._server_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config) -> "SubprocessExecutor":
@@ -271,52 +459,90 @@ class SubprocessExecutor:
             files=lim.files, output_mb=lim.output_mb,
         )
 
+    # What differs between this executor and the fork executor.
+
+    def _server_process(self) -> tuple[list[str], dict, tuple[str, ...]]:
+        """The server's interpreter and flags, environment and preloads."""
+        # The worker's own interpreter, isolated and without site: small,
+        # quick to start, and there whatever python the jobs are given.
+        return [sys.executable or self.python, "-I", "-S"], {}, ()
+
+    def _request(self, a: Assignment) -> dict:
+        """What the server needs beyond the files, limits and user."""
+        return {"exec": self.python}
+
+    def _ensure_server(self) -> _Server:
+        with self._server_lock:
+            server = self._server
+            if server is not None and server.alive:
+                return server
+            if server is not None:
+                log.warning("%s %d is gone; starting another",
+                            self.server_name, server.proc.pid)
+                server.close()
+            command, env, preload = self._server_process()
+            server = _Server(command, env, preload, self.server_name)
+            if not server.wait_ready(self.start_timeout) or not server.alive:
+                server.close()
+                raise ServerError(
+                    f"the {self.server_name} ({command[0]}) did not start"
+                )
+            self._server = server
+            log.info("%s %d ready (%s)", self.server_name, server.proc.pid,
+                     command[0])
+            return server
+
+    @property
+    def server_pid(self) -> int | None:
+        server = self._server
+        return None if server is None else server.proc.pid
+
     def start(self, a: Assignment, done: Callable[[Outcome], None]):
         """Start the attempt; ``done`` is called once, from another thread.
 
         Returns the :class:`Running` attempt, or None when the script could
         not start (``done`` has then been called already).
         """
-        scratch = self._prepare(a, done)
+        started = time.monotonic()
+        try:
+            scratch = self._prepare(a, done)
+        except OSError as exc:
+            done(Outcome("error", None, f"cannot start the script: {exc}",
+                         {}))
+            return None
         if scratch is None:
             return None
-        env = self.environment(a, scratch)
         limits = self.limits_for(a)
-        read_end, write_end = os.pipe()
-        # The launcher ends the script's whole tree if the worker dies
-        # under it (kill -9): nobody would watch its timeout any more, and
-        # the broker runs the job again elsewhere.
-        spec = json.dumps({"report": write_end, "parent": os.getpid(),
-                           "limits": limits.for_launcher()})
-        # The launcher runs on the script's interpreter: the one program
-        # the script's user is sure to be able to run.
-        command = [self.python, "-I", "-S", str(LAUNCHER), spec,
-                   self.python, a.script, *a.args]
-        as_user = {}
+        user = None
         if self.user is not None:
             _, uid, gid, _ = self.user
-            as_user = dict(user=uid, group=gid, extra_groups=[])
+            user = [uid, gid]
+        request = {
+            "script": a.script, "args": list(a.args), "cwd": str(scratch),
+            "env": self.environment(a, scratch),
+            "stdout": str(scratch / outputs.STDOUT),
+            "stderr": str(scratch / outputs.STDERR),
+            "limits": limits.for_server(), "user": user,
+            **self._request(a),
+        }
         try:
-            with open(scratch / outputs.STDOUT, "wb") as out, \
-                    open(scratch / outputs.STDERR, "wb") as err:
-                if self.user is not None:
-                    # The script writes its output here, as its own user.
-                    for path in (scratch, scratch / outputs.STDOUT,
-                                 scratch / outputs.STDERR):
-                        os.chown(path, uid, gid)
-                proc = subprocess.Popen(
-                    command, cwd=scratch, env=env, stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, start_new_session=True,
-                    close_fds=True, pass_fds=(write_end,), **as_user,
-                )
+            if user is not None:
+                # The script writes its output here, as its own user.
+                os.chown(scratch, *user)
+            server = self._ensure_server()
+            slot = _Slot(a, done, self.kill_grace, started, limits)
+            return server.run(request, slot, REQUEST_TIMEOUT)
         except OSError as exc:
-            os.close(read_end)
-            done(Outcome("error", None,
-                         f"cannot start {self.python}: {exc}", {}))
+            done(Outcome("error", None, f"cannot start the script: {exc}",
+                         {}))
             return None
-        finally:
-            os.close(write_end)
-        return Running(a, proc, self.kill_grace, done, limits, read_end)
+
+    def close(self) -> None:
+        """Stop the server; jobs still running are reported lost."""
+        with self._server_lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     def _prepare(self, a: Assignment, done) -> Path | None:
         """The attempt's scratch folder, made; or None, ``done`` called,
@@ -385,34 +611,6 @@ def _user(run_as: str) -> tuple[str, int, int, str] | None:
     if entry.pw_uid == 0:
         raise ConfigError("[worker] run_as must name an unprivileged user")
     return entry.pw_name, entry.pw_uid, gid, entry.pw_dir
-
-
-def _read_report(fd: int | None) -> dict:
-    """The launcher's report from the read end of its pipe; {} if none."""
-    if fd is None:
-        return {}
-    os.set_blocking(fd, False)
-    chunks = []
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    report = {}
-    for line in b"".join(chunks).splitlines():
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(item, dict):
-            report.update(item)
-    return report
 
 
 def _largest_file(folder: Path, most: int = 1000) -> int:
