@@ -9,15 +9,15 @@ standard input from /dev/null, the files on descriptors 1 and 2, every other
 descriptor closed, the scratch folder as working directory, the same
 scrubbed environment :class:`~msp.executor.SubprocessExecutor` builds,
 ``sys.argv`` and ``sys.path[0]`` as ``python script.py`` sets them, the
-attempt's limits and, for a root worker,
-the configured unprivileged user (``run_as``), then
+attempt's limits and, for a root worker, the configured unprivileged user
+(``run_as``), then
 ``runpy.run_path(script, run_name="__main__")``. Its exit status follows
 python's: 0, the ``SystemExit`` code, or 1 with the traceback on stderr for
 an uncaught exception. The server reaps each child with ``wait4`` and sends
 back its status and resource usage. A job thus starts in about a
 millisecond instead of the tens an interpreter takes to start. It is the
-server :class:`~msp.executor.SubprocessExecutor` uses, which execs a fresh
-interpreter in the child instead of running the script there.
+same server :class:`~msp.executor.SubprocessExecutor` uses, which execs a
+fresh interpreter in the child instead of running the script there.
 
 The promises are SubprocessExecutor's: the same syntax check before
 anything starts, the same outcomes, cancellation by SIGTERM to the whole
