@@ -176,7 +176,7 @@ def test_usage_survives_a_hard_kill(make_cluster):
     assert "timed out after 1 s" in view["error"]
     a = attempts[0]
     assert a["outcome"] == "timed_out"
-    # Reported by the launcher: the script's own peak, not the worker's,
+    # Reported by the job server: the script's own peak, not the worker's,
     # and the CPU it burnt until it was killed.
     assert a["max_rss_kb"] < 40_000
     assert a["cpu_user"] + a["cpu_system"] > 0.05
