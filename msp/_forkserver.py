@@ -41,7 +41,6 @@ import io
 import json
 import os
 import resource
-import runpy
 import select
 import signal
 import struct
@@ -76,12 +75,9 @@ def main(argv):
             __import__(name)
         except BaseException as exc:  # a preload must not kill the server
             failed[name] = f"{type(exc).__name__}: {exc}"
-    # run_path imports pkgutil: once here rather than in each fork. Not
-    # threading: its at-fork hook alone doubled the cost of a fork (186
-    # page faults instead of 69), and a job that starts no thread never
-    # needs it.
-    import pkgutil  # noqa: F401
-
+    # Not threading: its at-fork hook alone doubled the cost of a fork
+    # (186 page faults instead of 69), and a job that starts no thread
+    # never needs it.
     # The collector would touch every object's header in each child and so
     # copy most of the server's pages; what exists now is never garbage.
     gc.collect()
@@ -245,11 +241,18 @@ class Server:
             if req.get("user"):
                 for fd in opened[1:]:
                     os.fchown(fd, *req["user"])
+            code = None
             if req.get("exec"):
                 # The child says here why it could not exec; a successful
                 # exec closes it (both ends are close-on-exec).
                 errors, report = os.pipe()
                 opened.append(report)
+            elif not req.get("user"):
+                # Compiled here, where the parser's memory is warm: in the
+                # child, its allocations were page faults on fresh copies,
+                # three quarters of a job's cost. (A job with its own user
+                # reads its script as that user, in the child.)
+                code = _compile(req["script"])
             pid = os.fork()
         except OSError as exc:
             for fd in opened:
@@ -259,7 +262,7 @@ class Server:
             self.send({"id": ident, "error": str(exc)})
             return
         if pid == 0:
-            _child(req, self.pid, *opened)  # never returns
+            _child(req, self.pid, code, *opened)  # never returns
         for fd in opened:
             os.close(fd)
         if errors is not None:
@@ -325,7 +328,19 @@ def _drain(fd):
         pass
 
 
-def _child(req, server_pid, cwd_fd, out_fd, err_fd, report_fd=None):
+def _compile(script):
+    """The script's code object, or the exception compiling it raised
+    (raised again in the job, which reports it as python would)."""
+    try:
+        with io.open_code(script) as f:
+            source = f.read()
+        return compile(source, script, "exec", dont_inherit=True)
+    except Exception as exc:
+        return exc
+
+
+def _child(req, server_pid, compiled, cwd_fd, out_fd, err_fd,
+           report_fd=None):
     """Become the job: a fresh session, the job's limits, user, files and
     folder; then exec the job's interpreter on the script (``exec``), or
     run the script here as __main__ with the job's environment and argv,
@@ -369,8 +384,7 @@ def _child(req, server_pid, cwd_fd, out_fd, err_fd, report_fd=None):
         script = req["script"]
         sys.argv = [script, *req["args"]]
         sys.path.insert(0, os.path.dirname(script))
-        code = _run_script(script)
-        code = _finalize(code)
+        code = _finalize(_run_script(script, compiled))
     except BaseException as exc:
         message = str(exc) if isinstance(exc, _ExecError) else \
             f"cannot start the script: {exc}"
@@ -430,15 +444,24 @@ def _std_streams(unbuffered):
     sys.stderr = sys.__stderr__ = writer(2, "backslashreplace")
 
 
-def _run_script(script):
-    """Run the script; its exit status as `python script` would give it."""
+def _run_script(script, code=None):
+    """Run the script (``code``, compiled already, or compiled here) as
+    module __main__; its exit status as `python script` would give it."""
     try:
-        runpy.run_path(script, run_name="__main__")
+        main = type(sys)("__main__")
+        main.__file__ = script
+        main.__cached__ = None
+        sys.modules["__main__"] = main
+        if code is None:
+            code = _compile(script)
+        if isinstance(code, Exception):
+            raise code
+        exec(code, main.__dict__)
     except SystemExit as exc:
         return _exit_status(exc.code)
     except BaseException as exc:
         tb = exc.__traceback__
-        # Hide the frames of this server and of runpy, as python does.
+        # Hide the frames of this server, as python hides its own.
         while tb is not None and tb.tb_frame.f_code.co_filename != script:
             tb = tb.tb_next
         if tb is not None:

@@ -10,9 +10,10 @@ descriptor closed, the scratch folder as working directory, the same
 scrubbed environment :class:`~msp.executor.SubprocessExecutor` builds,
 ``sys.argv`` and ``sys.path[0]`` as ``python script.py`` sets them, the
 attempt's limits and, for a root worker, the configured unprivileged user
-(``run_as``), then
-``runpy.run_path(script, run_name="__main__")``. Its exit status follows
-python's: 0, the ``SystemExit`` code, or 1 with the traceback on stderr for
+(``run_as``), then the script's code runs as module ``__main__``
+(compiled by the server before the fork, where the parser's memory is
+warm, unless the job runs as another user, which reads its own script).
+Its exit status follows python's: 0, the ``SystemExit`` code, or 1 with the traceback on stderr for
 an uncaught exception. The server reaps each child with ``wait4`` and sends
 back its status and resource usage. A job thus starts in about a
 millisecond instead of the tens an interpreter takes to start. It is the
