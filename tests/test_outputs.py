@@ -62,3 +62,53 @@ def test_a_status_alone_leaves_the_attempts_files_aside(tmp_path):
     assert (scratch / "partial.txt").read_text() == "half"
     assert not (out / "partial.txt").exists()
     assert (out / "FAILED").read_text() == "lost\n"
+
+
+def test_a_folder_of_the_attempt_replaces_one_of_the_same_name(tmp_path):
+    out = tmp_path / "out"
+    (out / "results" / "old").mkdir(parents=True)
+    (out / "results" / "old" / "x.txt").write_text("old")
+    (out / "single").mkdir()
+    scratch = scratch_with(tmp_path, 1, {"single": "a file now"})
+    (scratch / "results").mkdir()
+    (scratch / "results" / "new.txt").write_text("new")
+
+    outputs.promote(out, scratch, status(1))
+
+    assert sorted(p.name for p in (out / "results").iterdir()) == [
+        "new.txt"]
+    assert (out / "single").read_text() == "a file now"
+    assert not (out / ".msp").exists()
+
+
+def test_msps_own_names_in_the_attempt_stay_out(tmp_path):
+    out = tmp_path / "out"
+    scratch = scratch_with(tmp_path, 1, {"msp-status.json": "forged",
+                                         "FAILED": "forged", "r.txt": "1"})
+
+    outputs.promote(out, scratch, status(1))
+
+    recorded = json.loads((out / "msp-status.json").read_text())
+    assert recorded["state"] == "succeeded"
+    assert recorded["files"] == ["r.txt"]
+    assert not (out / "FAILED").exists()
+    assert not scratch.exists() and not (out / ".msp").exists()
+
+
+def test_markers_follow_the_state(tmp_path):
+    out = tmp_path / "out"
+    outputs.promote(out, None, dict(status(1, "failed"), error="boom"))
+    assert (out / "FAILED").read_text() == "boom\n"
+
+    outputs.promote(out, None, status(1, "cancelled"))
+
+    assert not (out / "FAILED").exists()
+    assert (out / "CANCELLED").read_text() == "cancelled\n"
+    outputs.promote(out, None, status(2))
+    assert not (out / "CANCELLED").exists()
+
+
+def test_a_missing_scratch_folder_writes_the_status_alone(tmp_path):
+    out = tmp_path / "out" / "deeper"
+    outputs.promote(out, out / ".msp" / "attempt-1-x", status(1))
+    assert json.loads((out / "msp-status.json").read_text())["files"] == []
