@@ -1,7 +1,8 @@
 """Script-job throughput: msp against starting the script directly.
 
 N trivial script jobs (the script writes one line) are submitted from
-client processes in tight loops, then waited on (a WAIT per job), through
+client processes (SUBMIT_MANY of --batch jobs, or a SUBMIT per job with
+--batch 1), then waited on (a WAIT per --batch jobs), through
 a broker (its own process, SQLite durable) and W worker processes, W = 1
 and 2; jobs/s from the first submit to the last result. In the same run,
 the raw limit: the same script started directly with subprocess, W at a
@@ -33,6 +34,9 @@ def main() -> None:
                         help="client processes submitting at once")
     parser.add_argument("--cases", default="raw,subprocess,fork",
                         help="comma-separated: raw, subprocess, fork")
+    parser.add_argument("--batch", type=int, default=100,
+                        help="jobs per SUBMIT_MANY and per WAIT (1: a "
+                             "SUBMIT and a WAIT per job)")
     args = parser.parse_args()
     widths = [int(w) for w in args.workers.split(",")]
     cases = [c for c in args.cases.split(",") if c]
@@ -49,7 +53,8 @@ def main() -> None:
                         res = C.run_raw(ws, script, w, args.n_script)
                     else:
                         n = args.n if case == "fork" else args.n_script
-                        res = C.run_msp(ws, script, case, w, n, args.clients)
+                        res = C.run_msp(ws, script, case, w, n, args.clients,
+                                        batch=args.batch)
                     runs.setdefault((case, w), []).append(res)
                     print(f"repeat {r + 1}: {case:10} W={w} "
                           f"{res['jobs']:5} jobs {res['jobs_per_s']:7.1f} "
@@ -105,8 +110,10 @@ def main() -> None:
                           f"{fork['median']:.0f} jobs/s",
                           fork["median"] >= 600)
         report.note("Direct runs start the next script when one ends (W "
-                    "threads); msp clients submit everything first, then "
-                    "wait. Everything shares the machine's "
+                    "threads); msp clients submit everything first (in "
+                    f"requests of {args.batch} jobs), then wait (on "
+                    f"{args.batch} jobs per WAIT). Everything shares the "
+                    "machine's "
                     f"{report.machine['cores']} cores.")
         report.finish()
 
