@@ -56,6 +56,8 @@ DEFAULT_ENV_ALLOW = ENV_ALLOW
 SERVER = Path(__file__).with_name("_forkserver.py")
 HEADER = struct.Struct("!I")
 MIB = 1 << 20
+# Scripts remembered as compiling, per executor, before the memory is reset.
+GOOD_SCRIPTS = 1024
 # How long a request for a job may take before the server is deemed hung.
 REQUEST_TIMEOUT = 30.0
 
@@ -435,6 +437,8 @@ class SubprocessExecutor:
                         "empty: scripts run as root")
         self._server: _Server | None = None
         self._server_lock = threading.Lock()
+        # Scripts that compiled: (path, and what identifies its content).
+        self._good_scripts: dict[tuple, None] = {}
 
     @classmethod
     def from_config(cls, config) -> "SubprocessExecutor":
@@ -569,11 +573,18 @@ class SubprocessExecutor:
         )
         return env
 
-    @staticmethod
-    def _check_script(script: str) -> str | None:
-        """Why the script cannot start at all, or None."""
+    def _check_script(self, script: str) -> str | None:
+        """Why the script cannot start at all, or None. A script found good
+        is not compiled again while its file stays the same (a job run
+        many times over pays for one compile)."""
         try:
-            source = Path(script).read_bytes()
+            with open(script, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (script, st.st_dev, st.st_ino, st.st_size,
+                       st.st_mtime_ns, st.st_ctime_ns)
+                if key in self._good_scripts:
+                    return None
+                source = f.read()
         except OSError as exc:
             return f"cannot read the script: {exc}"
         try:
@@ -583,6 +594,9 @@ class SubprocessExecutor:
                    f"{exc.lineno})"
         except ValueError as exc:
             return f"cannot compile the script: {exc}"
+        if len(self._good_scripts) >= GOOD_SCRIPTS:
+            self._good_scripts.clear()
+        self._good_scripts[key] = None
         return None
 
 

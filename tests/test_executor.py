@@ -5,6 +5,7 @@ Each test waits on conditions with a deadline, never a fixed sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -260,3 +261,19 @@ def test_a_killed_worker_takes_the_scripts_tree_with_it(tmp_path):
             except OSError:
                 pass
 
+
+
+def test_a_script_changed_since_it_compiled_is_checked_again(executor,
+                                                            tmp_path):
+    good = assignment(tmp_path, "print('fine')\n")
+    _, outcome, _ = run(executor, good)
+    assert outcome.outcome == "succeeded"
+    # The same file, now broken: the check must not trust what it saw.
+    with open(good.script, "w") as f:
+        f.write("def broken(:\n")
+    again = dataclasses.replace(good, job=good.job + 10_000,
+                                token="again0123456789")
+    result = Result()
+    assert executor.start(again, result) is None
+    assert result.outcomes[0].outcome == "error"
+    assert "SyntaxError" in result.outcomes[0].error
