@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
@@ -292,6 +293,126 @@ def submit(
             return
         view = _wait_live(c, job, quiet=as_json)
     _ended(view, as_json)
+
+
+# The fields a line of submit-many's file may have.
+JOB_KEYS = ("script", "data", "output", "args", "priority", "attempts",
+            "timeout", "name", "cpu", "memory")
+# Jobs per SUBMIT_MANY (the broker's most).
+BATCH = 1000
+
+
+@app.command("submit-many")
+def submit_many(
+    jobs_file: str = typer.Argument(
+        ..., metavar="FILE",
+        help="JSON lines, a job each ('-': standard input)."),
+    wait: bool = typer.Option(False, "--wait", "-w",
+                              help="Wait for every job to end."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Submit many jobs, 1000 per request, each request all or none.
+
+    Each line of FILE is a JSON object with "script", "data", "output"
+    and any of "args", "priority", "attempts", "timeout", "name", "cpu",
+    "memory" (as submit's options). With --wait, exit 5 unless every job
+    succeeded.
+
+    Example: mspctl submit-many jobs.jsonl --wait
+    """
+    jobs = _read_jobs(jobs_file)
+    ids: list[int] = []
+    base = uuid.uuid4().hex
+    with client() as c:
+        for start in range(0, len(jobs), BATCH):
+            chunk = jobs[start:start + BATCH]
+            try:
+                ids += c.submit_many(chunk,
+                                     request_id=f"{base}-{start // BATCH}")
+            except MspError as exc:
+                queued = f"; jobs {ids[0]} to {ids[-1]} (lines 1 to " \
+                         f"{start}) were queued" if ids else ""
+                say_error(f"lines {start + 1} to {start + len(chunk)}: "
+                          f"{_line_of(exc.message, start)}{queued}")
+                raise typer.Exit(_exit_code(exc)) from None
+        if not wait:
+            if as_json:
+                _print_json({"jobs": ids})
+            else:
+                out.print(f"{len(ids)} jobs queued: {_span(ids)}")
+            return
+        views = []
+        for start in range(0, len(ids), BATCH):
+            views += c.wait_all(ids[start:start + BATCH])
+    if as_json:
+        _print_json(views)
+    else:
+        counts: dict[str, int] = {}
+        for view in views:
+            counts[view["state"]] = counts.get(view["state"], 0) + 1
+        out.print(", ".join(f"{n} {styled(state)}"
+                            for state, n in sorted(counts.items())))
+        for view in views:
+            if view["state"] != "succeeded":
+                _print_outcome(view)
+    if any(view["state"] != "succeeded" for view in views):
+        raise typer.Exit(EXIT_JOB)
+
+
+def _read_jobs(source: str) -> list[dict]:
+    """The jobs of a JSON-lines file; a usage error names the bad line."""
+    try:
+        if source == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(source).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(f"cannot read {source}: {exc}", EXIT_USAGE) from None
+    jobs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except ValueError as exc:
+            raise fail(f"{source}, line {number}: not JSON: {exc}",
+                       EXIT_USAGE) from None
+        if not isinstance(job, dict):
+            raise fail(f"{source}, line {number}: not a JSON object",
+                       EXIT_USAGE)
+        unknown = sorted(set(job) - set(JOB_KEYS))
+        missing = [k for k in ("script", "data", "output") if k not in job]
+        if unknown or missing:
+            what = f"unknown {', '.join(unknown)}" if unknown else \
+                f"missing {', '.join(missing)}"
+            raise fail(f"{source}, line {number}: {what} (a job has "
+                       f"{', '.join(JOB_KEYS)})", EXIT_USAGE)
+        if not all(isinstance(job[k], str)
+                   for k in ("script", "data", "output")):
+            raise fail(f"{source}, line {number}: script, data and output "
+                       "must be strings", EXIT_USAGE)
+        if not isinstance(job.get("args", []), list):
+            raise fail(f"{source}, line {number}: args must be a list",
+                       EXIT_USAGE)
+        jobs.append(job)
+    if not jobs:
+        raise fail(f"{source}: no jobs in it", EXIT_USAGE)
+    return jobs
+
+
+def _line_of(message: str, start: int) -> str:
+    """The broker's "jobs[i]: ..." with the line number instead."""
+    if message.startswith("jobs["):
+        index, _, rest = message[5:].partition("]: ")
+        if index.isdigit():
+            return f"line {start + int(index) + 1}: {rest}"
+    return message
+
+
+def _span(ids: list[int]) -> str:
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{ids[0]} to {ids[-1]}" if len(ids) > 1 else str(ids[0])
+    return " ".join(map(str, ids))
 
 
 def _wait_live(c: Client, job: int, quiet: bool = False) -> dict:

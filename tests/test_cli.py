@@ -23,7 +23,8 @@ def test_help_lists_the_commands():
 
 def test_every_command_has_an_example():
     runner = CliRunner()
-    commands = ("login", "logout", "submit", "status", "list", "cancel",
+    commands = ("login", "logout", "submit", "submit-many", "status",
+                "list", "cancel",
                 "logs", "wait", "workers", "stats", "monitor", "broker",
                 "worker", "audit", "billing")
     for command in commands:

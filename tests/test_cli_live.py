@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -208,3 +209,59 @@ def test_a_jobs_own_text_cannot_break_or_drive_the_terminal(make_cluster,
         assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     assert "[red]x" in shown[0].stdout and "[red]x" in shown[1].stdout
     assert "exit status 1: [/oops]" in shown[3].stdout
+
+
+def _jobs_file(cluster, tmp_path, lines):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" if isinstance(x, dict)
+                            else x for x in lines))
+    return path
+
+
+def test_submit_many_queues_and_waits_for_every_job(make_cluster, tmp_path):
+    cluster = make_cluster()
+    env = cli_env(cluster, tmp_path)
+    hello = cluster.script("hello.py", "import sys\nprint(*sys.argv[1:])\n")
+    fail = cluster.script("fail.py", "raise SystemExit(3)\n")
+    jobs = [{"script": str(hello), "data": str(cluster.data),
+             "output": str(cluster.output(f"o{i}")), "args": [str(i)]}
+            for i in range(3)]
+    jobs.append({"script": str(fail), "data": str(cluster.data),
+                 "output": str(cluster.output("bad")), "attempts": 1})
+    path = _jobs_file(cluster, tmp_path, [jobs[0], "\n", *jobs[1:]])
+
+    done = run_cli("submit-many", str(path), "--wait", env=env)
+
+    assert done.returncode == 5, done.stderr
+    assert "3 succeeded" in done.stdout and "1 failed" in done.stdout
+    assert (cluster.output("o2") / "stdout.log").read_text() == "2\n"
+    queued = run_cli("submit-many", "-", "--json", env=env,
+                     input=json.dumps(jobs[0]) + "\n")
+    assert queued.returncode == 0, queued.stderr
+    assert json.loads(queued.stdout) == {"jobs": [5]}
+
+
+def test_submit_many_names_the_bad_line(make_cluster, tmp_path):
+    cluster = make_cluster(workers=0)
+    env = cli_env(cluster, tmp_path)
+    hello = cluster.script("hello.py", "print('hi')\n")
+    good = {"script": str(hello), "data": str(cluster.data),
+            "output": str(cluster.output())}
+    cases = [
+        (["{not json\n"], 2, "line 1: not JSON"),
+        ([good, "[1, 2]\n"], 2, "line 2: not a JSON object"),
+        ([dict(good, colour="red")], 2, "line 1: unknown colour"),
+        ([{"script": str(hello)}], 2, "line 1: missing data, output"),
+        ([dict(good, args="a b")], 2, "line 1: args must be a list"),
+        ([], 2, "no jobs in it"),
+        # Refused by the broker: the line, not the index, is named.
+        ([good, good, dict(good, data="/nowhere")], 1,
+         "lines 1 to 3: line 3: data folder /nowhere"),
+    ]
+    for lines, status, message in cases:
+        path = _jobs_file(cluster, tmp_path, lines)
+        done = run_cli("submit-many", str(path), env=env)
+        assert done.returncode == status, (lines, done.stderr)
+        assert message in done.stderr, (message, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert cluster.admin().jobs() == []
