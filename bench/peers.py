@@ -3,7 +3,8 @@
 The workload of throughput.py: N trivial script jobs, submitted in tight
 loops, then waited on; jobs/s from the first submit to the last result.
 msp: a broker (its own process, SQLite durable) and W=2 worker processes
-with the subprocess executor, 2 client processes. huey: SqliteHuey (its
+with the subprocess executor, 2 client processes, a SUBMIT and a WAIT per
+job unless --batch says otherwise. huey: SqliteHuey (its
 SQLite storage, WAL, SQLite's default synchronous FULL), a consumer
 process with W=2 workers (processes by default), each task running the
 same script in a subprocess the way msp's executor does (own session,
@@ -31,6 +32,10 @@ def main() -> None:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=300, help="jobs per run")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="msp jobs per SUBMIT_MANY and WAIT (1, the "
+                             "default: a request per job, as huey enqueues "
+                             "a task at a time)")
     parser.add_argument("--clients", type=int, default=2,
                         help="msp client processes")
     parser.add_argument("--huey-worker-type", default="process",
@@ -49,7 +54,7 @@ def main() -> None:
         msp_runs, huey_runs = [], []
         for r in range(args.repeats):
             m = C.run_msp(ws, script, args.executor, args.workers, args.n,
-                          args.clients)
+                          args.clients, batch=args.batch)
             h = run_huey(ws, script, args)
             msp_runs.append(m["jobs_per_s"])
             huey_runs.append(h["jobs_per_s"])
