@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import zmq
 
 from msp import protocol
 from msp.client import Events
+from msp.errors import PathError
 
 from .conftest import BLOCK, wait_for
 
@@ -179,3 +181,25 @@ def test_the_broker_encodes_only_what_someone_subscribed_to(
     jobs_only.close(0)
     wait_for(lambda: broker._topics == set(),
              message="the unsubscription to reach the broker")
+
+
+def test_a_refused_submit_many_publishes_nothing(make_cluster, zmq_context,
+                                                 tmp_path):
+    cluster = make_cluster(workers=0)
+    c = cluster.admin()
+    seen = subscribe(cluster, zmq_context)
+    ok = cluster.script("ok.py", OK)
+    jobs = [{"script": ok, "data": cluster.data,
+             "output": cluster.output(f"o{i}")} for i in range(3)]
+    jobs[2]["data"] = tmp_path / "missing"
+
+    with pytest.raises(PathError, match=r"^jobs\[2\]"):
+        c.submit_many(jobs)
+    job = c.submit(ok, cluster.data, cluster.output("after"))
+    wait_for(lambda: seen.of_job(job), message="the queued event")
+
+    queued = [b for t, b in seen.drain() if t == "job"]
+    assert [b["job"] for b in queued] == [job]
+    # Refused, the request took no event number either.
+    seqs = [b["seq"] for t, b in seen.received]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))

@@ -125,6 +125,7 @@ class ClientHandler:
             self._reply_err(identity, "bad_request",
                             "expected an empty delimiter frame (use REQ)")
             return
+        mark = self.broker.mark()
         try:
             msg = protocol.parse(
                 frames[2:], protocol.CLIENT_COMMANDS,
@@ -144,6 +145,9 @@ class ClientHandler:
                 result = command(identity, caller, msg.body, now, wall)
         except MspError as exc:
             log.debug("client request refused: %s", exc)
+            # Its writes were rolled back; so are the events that told of
+            # them (a SUBMIT_MANY refused at its last job queued the rest).
+            self.broker.drop_since(mark)
             self._reply_err(identity, exc.code, exc.message)
             return
         if result is not None:

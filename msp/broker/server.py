@@ -312,8 +312,7 @@ class Broker:
                peer: str = ""):
         """Handle one message from a client or a worker socket; ``peer`` is
         the sender's address where the transport has one (tcp)."""
-        mark = len(self._outbox), len(self._events), self._seq
-        ended = set(self._ended)
+        mark = self.mark()
         handler = self.clients if name == "client" else self.workers
         try:
             handler.handle(frames, now, wall, peer)
@@ -321,12 +320,23 @@ class Broker:
             # A bug, not bad input: the handler's savepoint has rolled its
             # writes back; drop what it queued and keep serving.
             log.exception("unexpected error handling a %s message", name)
-            del self._outbox[mark[0]:]
-            del self._events[mark[1]:]
-            # The dropped events were never sent: reuse their numbers, or
-            # subscribers would see a gap and fetch a snapshot for nothing.
-            self._seq, self._ended = mark[2], ended
+            self.drop_since(mark)
             handler.internal_error(frames)
+
+    def mark(self) -> tuple:
+        """Where the queued messages and events stand, for
+        :meth:`drop_since`."""
+        return len(self._outbox), len(self._events), self._seq, \
+            set(self._ended)
+
+    def drop_since(self, mark: tuple) -> None:
+        """Forget what was queued since ``mark``: the writes it announced
+        were rolled back."""
+        del self._outbox[mark[0]:]
+        del self._events[mark[1]:]
+        # The dropped events were never sent: reuse their numbers, or
+        # subscribers would see a gap and fetch a snapshot for nothing.
+        self._seq, self._ended = mark[2], set(mark[3])
 
     def transact(self, work: Callable[[], None]) -> None:
         """Run ``work`` in one transaction, then send what it queued."""
