@@ -123,9 +123,9 @@ def _realpath(raw: str, memo: dict | None = None) -> tuple[str, bool | None]:
     checks most of the broker's work per submit.
 
     Only the last components may be missing (a new output folder); when
-    one of them is ``.`` or ``..``, or anything but ENOENT goes wrong, the
-    answer is ``resolve()``'s, whatever it makes of the case (a loop of
-    links, say). ``memo`` keeps, for one request, the folders resolved
+    one of them is ``.``, ``..`` or a dangling link, or anything but
+    ENOENT goes wrong, the answer is ``resolve()``'s, whatever it makes of
+    the case (a loop of links, say). ``memo`` keeps, for one request, the folders resolved
     above each path: the jobs of a request often share them.
     """
     head, tail = raw, []
@@ -137,7 +137,9 @@ def _realpath(raw: str, memo: dict | None = None) -> tuple[str, bool | None]:
             fd = os.open(head, _O_PATH)
         except FileNotFoundError:
             parent, name = os.path.split(head)
-            if name in ("", ".", "..") or parent == head:
+            if name in ("", ".", "..") or parent == head or \
+                    os.path.islink(head):
+                # A link to nothing yet still says where the path goes.
                 return _resolved(raw)
             tail.append(name)
             head = parent

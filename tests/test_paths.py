@@ -247,6 +247,26 @@ def test_symlinked_data_folder_pointing_outside(root, roots, tmp_path):
     assert message.startswith(f"data folder {root / 'linked'}: resolves to ")
 
 
+@pytest.mark.parametrize("below", ["", "/sub", "/sub/deeper"])
+@pytest.mark.parametrize("target", ["absolute", "relative"])
+def test_dangling_symlink_output_pointing_outside(root, roots, tmp_path,
+                                                  below, target):
+    """An output folder under a link to a folder not made yet resolves
+    where the link points, as Path.resolve() has it: outside."""
+    (tmp_path / "outside").mkdir()
+    gone = tmp_path / "outside" / "new"
+    (root / "dangling").symlink_to(
+        gone if target == "absolute" else os.path.relpath(gone, root)
+    )
+    script, data, _ = _good(root)
+    output = str(root / "dangling") + below
+    for memo in (None, {}):
+        with pytest.raises(PathError) as info:
+            paths.check(script, data, output, roots, memo)
+        assert f"resolves to {gone.resolve()}{below}, outside" in \
+            info.value.message
+
+
 def test_symlink_loop(root, roots):
     (root / "loop").symlink_to(root / "loop")
     script = str(root / "loop")
