@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,9 +23,13 @@ SCRATCH = ".msp"
 STDOUT = "stdout.log"
 STDERR = "stderr.log"
 STATUS = "msp-status.json"
+STATUS_TMP = f".{STATUS}.tmp"
 MARKERS = {"failed": "FAILED", "cancelled": "CANCELLED"}
 # Names in the output folder that belong to msp, not to the script.
-RESERVED = frozenset((SCRATCH, STATUS, *MARKERS.values()))
+RESERVED = frozenset((SCRATCH, STATUS, STATUS_TMP, *MARKERS.values()))
+# A status larger than this is not one msp wrote (its list of files would
+# have to name a million of them).
+MAX_STATUS = 64 << 20
 
 
 def scratch_dir(output: str | os.PathLike, number: int, token: str) -> Path:
@@ -98,7 +103,7 @@ def promote(output: Path, scratch: Path | None, status: dict) -> None:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-    tmp = os.path.join(out, f".{STATUS}.tmp")
+    tmp = os.path.join(out, STATUS_TMP)
     _write(tmp, json.dumps(status, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, os.path.join(out, STATUS))
 
@@ -117,8 +122,14 @@ def _move(source: str, target: str) -> None:
 
 
 def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                 0o666)
+    """A new file at ``path``: whatever had the name, a link to a file
+    elsewhere say, is removed, not written through."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o666)
     try:
         data = text.encode()
         while data:
@@ -128,14 +139,24 @@ def _write(path: str, text: str) -> None:
 
 
 def _read_status(output: str) -> dict:
+    """The status an earlier promotion wrote; {} for anything else there (a
+    script can write into the output folder): no link is followed and no
+    FIFO waited on."""
     try:
-        fd = os.open(os.path.join(output, STATUS), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(os.path.join(output, STATUS), os.O_RDONLY | os.O_CLOEXEC
+                     | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return {}
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_STATUS:
+            return {}
+        chunks, left = [], MAX_STATUS + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
             chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            return {}  # grew while read
         status = json.loads(b"".join(chunks))
     except (OSError, ValueError):
         return {}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+
+import pytest
 
 from msp import outputs
 
@@ -112,3 +116,70 @@ def test_a_missing_scratch_folder_writes_the_status_alone(tmp_path):
     out = tmp_path / "out" / "deeper"
     outputs.promote(out, out / ".msp" / "attempt-1-x", status(1))
     assert json.loads((out / "msp-status.json").read_text())["files"] == []
+
+
+def test_a_link_the_attempt_left_under_msps_temporary_name_is_not_followed(
+    tmp_path
+):
+    """The status is written beside the output as .msp-status.json.tmp; a
+    script's link of that name must not make the broker write elsewhere."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    scratch = scratch_with(tmp_path, 1, {"r.txt": "1"})
+    (scratch / ".msp-status.json.tmp").symlink_to(victim)
+    out = tmp_path / "out"
+
+    outputs.promote(out, scratch, status(1))
+
+    assert victim.read_text() == "precious"
+    recorded = json.loads((out / "msp-status.json").read_text())
+    assert recorded["files"] == ["r.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["msp-status.json",
+                                                     "r.txt"]
+
+
+def test_a_marker_left_as_a_link_is_not_followed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (out / "FAILED").symlink_to(victim)
+
+    outputs.promote(out, None, status(1, "failed"))
+
+    assert victim.read_text() == "precious"
+    assert not (out / "FAILED").is_symlink()
+    assert (out / "FAILED").read_text() == "failed\n"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "endless", "not json"])
+def test_a_status_file_that_is_no_status_is_replaced(tmp_path, kind):
+    """Whatever a script left as msp-status.json, the broker (which runs
+    this on its loop) neither blocks on it nor reads it without end."""
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "msp-status.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "endless":
+        path.symlink_to("/dev/zero")
+    else:
+        path.write_bytes(b"\xff{not json")
+    done = threading.Event()
+
+    def promote():
+        outputs.promote(out, scratch_with(tmp_path, 1, {"r.txt": "1"}),
+                        status(1))
+        done.set()
+
+    worker = threading.Thread(target=promote, daemon=True)
+    worker.start()
+    try:
+        assert done.wait(10), "promote is stuck on the old status"
+    finally:
+        if kind == "fifo" and not done.is_set():
+            # Let the stuck open return.
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+    recorded = json.loads(path.read_text())
+    assert recorded["files"] == ["r.txt"] and recorded["attempt"] == 1
