@@ -461,12 +461,12 @@ def _run_script(script, code=None):
         return _exit_status(exc.code)
     except BaseException as exc:
         tb = exc.__traceback__
-        # Hide the frames of this server, as python hides its own.
+        # Hide the frames of this server, as python hides its own: all of
+        # them for an error compiling the script, which has no frame.
         while tb is not None and tb.tb_frame.f_code.co_filename != script:
             tb = tb.tb_next
-        if tb is not None:
-            # The hook prints the traceback the exception carries.
-            exc.__traceback__ = tb
+        # The hook prints the traceback the exception carries.
+        exc.__traceback__ = tb
         try:
             sys.excepthook(type(exc), exc, exc.__traceback__)
         except BaseException:

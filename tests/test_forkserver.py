@@ -454,3 +454,28 @@ def test_run_as_drops_to_the_configured_user(tmp_path):
     finally:
         ex.close()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("source", [
+    b"def broken(:\n    pass\n",
+    b"\xef\xbb\xbf# -*- coding: latin-1 -*-\nprint(1)\n",
+])
+def test_a_script_broken_after_the_check_fails_as_python_would(
+    executor, tmp_path, monkeypatch, source
+):
+    """The worker checked the script; it changed before the server
+    compiled it. The job fails with what python itself prints."""
+    a = assignment(tmp_path, "")
+    Path(a.script).write_bytes(source)
+    monkeypatch.setattr(executor, "_check_script", lambda script: None)
+    python = subprocess.run([sys.executable, a.script], capture_output=True,
+                            text=True, timeout=DEADLINE)
+
+    _, outcome, _ = run(executor, a)
+
+    assert outcome.outcome == "failed"
+    assert outcome.exit_code == python.returncode == 1
+    stderr = read(a, "stderr.log")
+    # (python names no line for a bad encoding; compile() names line 0.)
+    assert stderr.endswith(python.stderr)
+    assert "Traceback" not in stderr and "_forkserver" not in stderr
