@@ -203,3 +203,39 @@ def test_a_refused_submit_many_publishes_nothing(make_cluster, zmq_context,
     # Refused, the request took no event number either.
     seqs = [b["seq"] for t, b in seen.received]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_prefixes_are_counted_as_subscribers_come_and_go(make_cluster,
+                                                         zmq_context):
+    cluster = make_cluster(workers=0)
+    broker = cluster.broker
+    endpoint = broker.endpoints["events"]
+
+    def sub(*prefixes):
+        s = zmq_context.socket(zmq.SUB)
+        s.linger = 0
+        for prefix in prefixes:
+            s.setsockopt(zmq.SUBSCRIBE, prefix)
+        s.connect(endpoint)
+        return s
+
+    # Many prefixes that match nothing, and a few that match.
+    flood = sub(*(b"x%d" % i for i in range(500)))
+    wait_for(lambda: len(broker._topics) == 500, message="the flood")
+    jo, w = sub(b"jo"), sub(b"w", b"wor")
+    wait_for(lambda: len(broker._topics) == 503, message="the prefixes")
+    assert [broker._subscribed(t) for t in (b"job", b"worker", b"broker")] \
+        == [True, True, False]
+    c = cluster.admin()
+    c.submit(cluster.script("ok.py", OK), cluster.data, cluster.output())
+    assert jo.poll(5000) and jo.recv_multipart()[0] == b"job"
+
+    jo.close(0)
+    w.setsockopt(zmq.UNSUBSCRIBE, b"wor")
+    wait_for(lambda: len(broker._topics) == 501, message="the leaving")
+    assert [broker._subscribed(t) for t in (b"job", b"worker", b"broker")] \
+        == [False, True, False]
+    flood.close(0)
+    w.close(0)
+    wait_for(lambda: broker._topics == set(), message="everyone gone")
+    assert not broker._subscribed(b"worker")

@@ -89,8 +89,12 @@ class Broker:
         self._sockets: dict[str, zmq.Socket] = {}
         self._outbox: list[tuple[str, list[bytes]]] = []
         self._events: list[tuple[bytes, dict]] = []
-        # Topic prefixes some subscriber of the events socket asked for.
+        # Topic prefixes some subscriber of the events socket asked for,
+        # and for each topic events were published on, how many of those
+        # prefixes it matches (kept up to date with each subscription, so
+        # that a flood of them costs the broker nothing per event).
         self._topics: set[bytes] = set()
+        self._matches: dict[bytes, int] = {}
         self._ended: set[int] = set()
         # Names this run of the broker in every event: seq starts again at
         # 1 on a restart, and a subscriber must not take the new numbers
@@ -149,6 +153,10 @@ class Broker:
             # the frames around the body get a little headroom.
             sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size + 4096)
             sock.setsockopt(zmq.RCVHWM, 100_000)
+        elif kind == zmq.XPUB:
+            # What it receives are subscriptions to topic prefixes: msp's
+            # topics are a few bytes.
+            sock.setsockopt(zmq.MAXMSGSIZE, 256)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self.curve is not None and self.curve.applies(endpoint):
             self.curve.secure(sock, name)
@@ -370,26 +378,42 @@ class Broker:
         # CURVE keeps strangers off, but not one user off another's jobs.
         pub = self._sockets.get("events")
         if pub is not None:
-            topics = self._subscriptions(pub)
+            self._subscriptions(pub)
             for topic, body in self._events:
-                if any(topic.startswith(t) for t in topics):
+                if self._subscribed(topic):
                     data = json.dumps(body, separators=(",", ":")).encode()
                     pub.send_multipart([topic, data])
         self._events.clear()
 
-    def _subscriptions(self, pub: zmq.Socket) -> set[bytes]:
-        """The topics subscribed to now, after the (un)subscriptions that
-        arrived since the last look (XPUB passes the first subscription to
-        a topic and the last unsubscription)."""
+    def _subscriptions(self, pub: zmq.Socket) -> None:
+        """Take in the (un)subscriptions that arrived since the last look
+        (XPUB passes the first subscription to a prefix and the last
+        unsubscription)."""
         while True:
             try:
                 message = pub.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return self._topics
-            if message[:1] == b"\x01":
-                self._topics.add(message[1:])
-            elif message[:1] == b"\x00":
-                self._topics.discard(message[1:])
+                return
+            change, prefix = message[:1], message[1:]
+            if change == b"\x01" and prefix not in self._topics:
+                self._topics.add(prefix)
+                step = 1
+            elif change == b"\x00" and prefix in self._topics:
+                self._topics.discard(prefix)
+                step = -1
+            else:
+                continue
+            for topic in self._matches:
+                if topic.startswith(prefix):
+                    self._matches[topic] += step
+
+    def _subscribed(self, topic: bytes) -> bool:
+        """Whether some subscription's prefix matches ``topic``."""
+        count = self._matches.get(topic)
+        if count is None:
+            count = self._matches[topic] = sum(
+                1 for prefix in self._topics if topic.startswith(prefix))
+        return count > 0
 
     # What handlers call.
 
