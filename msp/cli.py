@@ -622,8 +622,9 @@ def workers(as_json: bool = typer.Option(False, "--json",
     Example: mspctl workers
     """
     with client() as c:
+        rows = c.workers()  # admins only
         if as_json:
-            _print_json(c.workers())
+            _print_json(rows)
             return
         view = _snapshot_view(c.stats())
     out.print(workers_table(view, out.width))

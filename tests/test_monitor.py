@@ -425,3 +425,36 @@ def test_a_user_sees_their_own_jobs_and_no_usage(make_cluster):
     assert "alice" in text.splitlines()[0]
     assert "user" not in header_of(text, "job").split()
     assert "jobs tries" not in text
+
+
+def test_a_user_sees_the_workers_but_not_whose_job_they_run(make_cluster,
+                                                            tmp_path):
+    cluster = make_cluster()
+    alice, bob = cluster.user("alice"), cluster.user("bob")
+    script = cluster.script("block.py", BLOCK)
+    job = alice.submit(script, cluster.data, cluster.output(), ["go"])
+    wait_for(lambda: alice.status(job)["job"]["progress"] == 0.5,
+             message="the job to run")
+
+    [mine] = alice.stats()["workers"]
+    [theirs] = bob.stats()["workers"]
+    [admins] = cluster.admin().stats()["workers"]
+
+    assert mine["job"] == job == admins["job"]
+    assert mine["progress"] == 0.5
+    assert theirs["state"] == "busy" and theirs["name"] == mine["name"]
+    assert (theirs["job"], theirs["attempt"], theirs["job_seconds"],
+            theirs["progress"]) == (None, None, None, None)
+    (cluster.data / "go").write_text("")
+    assert alice.wait(job, timeout=30)["state"] == "succeeded"
+
+
+def test_the_workers_table_is_for_admins(make_cluster, tmp_path):
+    cluster = make_cluster()
+    env = cli_env(cluster, tmp_path)
+    assert run_cli("workers", env=env).returncode == 0
+    user = cluster.user("carol")
+    (tmp_path / "token").write_text(user.token + "\n")
+    refused = run_cli("workers", env=env)
+    assert refused.returncode == 4
+    assert "admin" in refused.stderr

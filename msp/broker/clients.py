@@ -642,7 +642,8 @@ class ClientHandler:
             "heartbeat_interval": self.config.heartbeat_interval,
             "liveness": self.config.liveness,
             "tick": self.broker.tick_period,
-            "workers": self.broker.workers.snapshot(now),
+            "workers": [self._worker_row(caller, row)
+                        for row in self.broker.workers.snapshot(now)],
             "counts": store.counts(),
             "queue": store.queue_depth(wall),
             "recent": [self._view(row) for row in recent],
@@ -651,6 +652,17 @@ class ClientHandler:
         if caller.admin:
             snap["usage_today"] = store.usage_by_user(_midnight(wall))
         return snap
+
+    def _worker_row(self, caller: Caller, row: dict) -> dict:
+        """A worker as ``caller`` may see it: another user's job on it is
+        not named (as STATUS would not find it)."""
+        if caller.admin or row["job"] is None:
+            return row
+        job = self.broker.store.job(row["job"])
+        if job is not None and job["user_id"] == caller.user_id:
+            return row
+        return dict(row, job=None, attempt=None, job_seconds=None,
+                    progress=None)
 
     def _billing(self, identity, caller, body, now, wall):
         """A statement: per-job usage and cost over [since, until)."""
