@@ -95,6 +95,8 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         if value != value:
             return "nan"
+        if abs(value) < 1e-9:
+            return "0"  # the rounding error of a difference of sums
         if abs(value) >= 100:
             return f"{value:,.0f}"
         return f"{value:.{digits}g}"

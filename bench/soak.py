@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import _common as C  # noqa: E402
 from msp.client import Client  # noqa: E402
 from msp.errors import BrokerUnavailable, MspError  # noqa: E402
 
@@ -439,6 +440,7 @@ def main() -> int:
                     ("lost", "duplicated", "wrong_state")},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": C.machine_info(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
