@@ -8,17 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
-import textwrap
 
-import psutil
 import pytest
 
 from msp.executor import SubprocessExecutor
 
-from .test_forkserver import DEADLINE, Result, assignment, read, run, wait_for
+from .test_forkserver import Result, _alive, assignment, read, run
 
 
 @pytest.fixture
@@ -28,13 +24,6 @@ def executor():
     ex = SubprocessExecutor(sys.executable, kill_grace=2.0, environ=env)
     yield ex
     ex.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_the_server_starts_with_the_first_job(executor, tmp_path):
@@ -83,15 +72,6 @@ def test_the_script_is_a_fresh_interpreter_as_python_starts_it(executor,
     assert read(a, "stdout.log") == "out\n"
     assert read(a, "stderr.log") == "err\n"
     assert len(result.outcomes) == 1
-
-
-def test_an_exception_fails_the_attempt_with_its_traceback(executor,
-                                                           tmp_path):
-    a = assignment(tmp_path, "raise ValueError('boom')")
-    _, outcome, _ = run(executor, a)
-    assert outcome.outcome == "failed"
-    assert outcome.exit_code == 1
-    assert outcome.error.strip().endswith("ValueError: boom")
 
 
 def test_a_detached_grandchild_is_counted_and_killed(executor, tmp_path):
@@ -151,115 +131,6 @@ def test_an_interpreter_named_without_a_folder_is_found_on_path(tmp_path):
         assert outcome.outcome == "succeeded", outcome.error
     finally:
         ex.close()
-
-
-def test_cancel_kills_the_script_and_its_descendants(executor, tmp_path):
-    a = assignment(tmp_path, """
-        import json, os, subprocess, sys, time
-        sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-        child = subprocess.Popen(sleep)
-        escaped = subprocess.Popen(sleep, start_new_session=True)
-        with open("pids.tmp", "w") as f:
-            json.dump([os.getpid(), child.pid, escaped.pid], f)
-        os.rename("pids.tmp", "pids.json")
-        time.sleep(60)
-    """)
-    result = Result()
-    running = executor.start(a, result)
-    pids_file = a.scratch / "pids.json"
-    wait_for(pids_file.exists, what="the script's pids")
-    pids = json.loads(pids_file.read_text())
-    assert running.pid == pids[0]
-    running.stop("cancelled")
-    outcome = result.wait()
-    assert outcome.outcome == "cancelled"
-    assert outcome.exit_code == -signal.SIGTERM
-    # All gone before the end is reported.
-    assert not any(_alive(pid) for pid in pids)
-    assert len(result.outcomes) == 1
-
-
-def test_a_script_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
-    ex = SubprocessExecutor(sys.executable, kill_grace=0.3)
-    try:
-        a = assignment(tmp_path, """
-            import signal, time
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            open("ready", "w").close()
-            while True:
-                pass
-        """, timeout=1)
-        result = Result()
-        running = ex.start(a, result)
-        wait_for((a.scratch / "ready").exists, what="the script to start")
-        running.stop("timed_out")
-        outcome = result.wait()
-        assert outcome.outcome == "timed_out"
-        assert outcome.error == "timed out after 1 s"
-        assert outcome.exit_code == -signal.SIGKILL
-        assert outcome.usage["user"] + outcome.usage["system"] > 0
-    finally:
-        ex.close()
-
-
-def test_a_killed_server_loses_its_job_and_is_replaced(executor, tmp_path):
-    a = assignment(tmp_path, """
-        open("ready", "w").close()
-        import time; time.sleep(60)
-    """)
-    result = Result()
-    running = executor.start(a, result)
-    wait_for((a.scratch / "ready").exists, what="the script to start")
-    old = executor.server_pid
-    os.kill(old, signal.SIGKILL)
-    outcome = result.wait()
-    assert outcome.outcome == "lost"
-    assert "the job server ended" in outcome.error
-    wait_for(lambda: not _alive(running.pid), what="the orphan to be killed")
-    _, outcome, _ = run(executor, assignment(tmp_path, "pass"))
-    assert outcome.outcome == "succeeded"
-    assert executor.server_pid not in (None, old)
-
-
-def test_a_killed_worker_takes_the_scripts_tree_with_it(tmp_path):
-    """kill -9 of the process that owns the executor: the server sees its
-    socket close, kills the job's tree, detached parts included, and
-    exits."""
-    pid_file = tmp_path / "pids"
-    a = assignment(tmp_path, f"""
-        import os, subprocess, sys, time
-        child = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(600)"],
-            start_new_session=True)
-        open({str(pid_file)!r} + ".tmp", "w").write(
-            f"{{os.getpid()}} {{child.pid}} {{os.getppid()}}")
-        os.rename({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
-        time.sleep(600)
-    """)
-    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, threading
-        from msp.executor import Assignment, SubprocessExecutor
-        ex = SubprocessExecutor(sys.executable)
-        ex.start(Assignment(**{a.__dict__!r}), lambda outcome: None)
-        threading.Event().wait(60)
-    """)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    pids = []
-    try:
-        wait_for(pid_file.exists, what="the script to start")
-        pids = [int(p) for p in pid_file.read_text().split()]
-        assert all(_alive(pid) for pid in pids)
-        owner.kill()
-        owner.wait(DEADLINE)
-        for pid in pids:
-            wait_for(lambda pid=pid: not _alive(pid), what=f"{pid} to end")
-    finally:
-        owner.kill()
-        owner.wait(DEADLINE)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 

@@ -1,4 +1,5 @@
-"""The fork-server executor, with real processes.
+"""The fork-server executor, with real processes; and what it shares with
+the subprocess executor (the same job server), run with both.
 
 Each test waits on conditions with a deadline, never a fixed sleep.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from msp.executor import Assignment
+from msp.executor import Assignment, SubprocessExecutor
 from msp.forkserver import ForkExecutor
 
 DEADLINE = 20.0
@@ -163,24 +164,6 @@ def test_exit_status_follows_python(executor, tmp_path, source, code,
     assert read(a, "stderr.log") == stderr
 
 
-def test_an_exception_fails_with_its_traceback_on_stderr(executor,
-                                                         tmp_path):
-    a = assignment(tmp_path, """
-        def inner():
-            raise ValueError("boom")
-        inner()
-    """)
-    _, outcome, _ = run(executor, a)
-    assert outcome.outcome == "failed"
-    assert outcome.exit_code == 1
-    stderr = read(a, "stderr.log")
-    assert stderr.startswith("Traceback (most recent call last):")
-    assert 'in inner' in stderr and "ValueError: boom" in stderr
-    # The frames of the server and of runpy are not the script's.
-    assert "runpy" not in stderr and "_forkserver" not in stderr
-    assert "ValueError: boom" in outcome.error
-
-
 def test_a_syntax_error_is_reported_before_anything_starts(executor,
                                                            tmp_path):
     a = assignment(tmp_path, "def broken(:\n    pass\n")
@@ -236,76 +219,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_cancel_kills_the_script_and_its_descendants(executor, tmp_path):
-    a = assignment(tmp_path, """
-        import json, os, subprocess, sys, time
-        sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-        child = subprocess.Popen(sleep)
-        # One that leaves the group: only the tree walk finds it.
-        escaped = subprocess.Popen(sleep, start_new_session=True)
-        with open("pids.tmp", "w") as f:
-            json.dump([os.getpid(), child.pid, escaped.pid], f)
-        os.rename("pids.tmp", "pids.json")
-        time.sleep(60)
-    """)
-    result = Result()
-    running = executor.start(a, result)
-    pids_file = a.scratch / "pids.json"
-    wait_for(pids_file.exists, what="the script's pids")
-    pids = json.loads(pids_file.read_text())
-    assert running.pid == pids[0]
-    running.stop("cancelled")
-    outcome = result.wait()
-    assert outcome.outcome == "cancelled"
-    assert outcome.exit_code == -signal.SIGTERM
-    for pid in pids:
-        wait_for(lambda pid=pid: not _alive(pid), what=f"pid {pid} to end")
-    assert len(result.outcomes) == 1
-
-
-def test_a_script_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
-    ex = ForkExecutor(sys.executable, kill_grace=0.3)
-    try:
-        a = assignment(tmp_path, """
-            import signal, time
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            open("ready", "w").close()
-            time.sleep(60)
-        """)
-        result = Result()
-        running = ex.start(a, result)
-        wait_for((a.scratch / "ready").exists, what="the script to start")
-        running.stop("timed_out")
-        outcome = result.wait()
-        assert outcome.outcome == "timed_out"
-        assert outcome.exit_code == -signal.SIGKILL
-    finally:
-        ex.close()
-
-
 def test_a_timeout_gives_the_attempt_a_deadline(executor, tmp_path):
     a = assignment(tmp_path, "pass", timeout=30)
     running, outcome, _ = run(executor, a)
     assert outcome.outcome == "succeeded"
     assert running.deadline == pytest.approx(running.started + 30)
-
-
-def test_a_dead_server_loses_its_job_and_is_replaced(executor, tmp_path):
-    a = assignment(tmp_path, """
-        open("ready", "w").close()
-        import time; time.sleep(60)
-    """)
-    result = Result()
-    running = executor.start(a, result)
-    wait_for((a.scratch / "ready").exists, what="the script to start")
-    old = executor.server_pid
-    os.kill(old, signal.SIGKILL)
-    outcome = result.wait()
-    assert outcome.outcome == "lost"
-    wait_for(lambda: not _alive(running.pid), what="the orphan to be killed")
-    _, outcome, _ = run(executor, assignment(tmp_path, "pass"))
-    assert outcome.outcome == "succeeded"
-    assert executor.server_pid not in (None, old)
 
 
 def test_close_stops_the_server(tmp_path):
@@ -376,36 +294,6 @@ def test_a_missing_interpreter_fails_each_job_with_why(tmp_path):
         assert "cannot start the script" in outcome.error
     finally:
         ex.close()
-
-
-def test_a_killed_worker_takes_its_script_with_it(tmp_path):
-    """kill -9 of the process that owns the executor: the server sees its
-    socket close and kills the job's group."""
-    pid_file = tmp_path / "script.pid"
-    a = assignment(tmp_path, f"""
-        import os, time
-        open({str(pid_file)!r} + ".tmp", "w").write(str(os.getpid()))
-        os.rename({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
-        time.sleep(60)
-    """)
-    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, threading
-        from msp.executor import Assignment
-        from msp.forkserver import ForkExecutor
-        ex = ForkExecutor(sys.executable)
-        ex.start(Assignment(**{a.__dict__!r}), lambda outcome: None)
-        threading.Event().wait(60)
-    """)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    try:
-        wait_for(pid_file.exists, what="the script to start")
-        script = int(pid_file.read_text())
-        assert _alive(script)
-        owner.kill()
-        owner.wait(DEADLINE)
-        wait_for(lambda: not _alive(script), what="the script to be killed")
-    finally:
-        owner.kill()
-        owner.wait(DEADLINE)
 
 
 
@@ -479,3 +367,152 @@ def test_a_script_broken_after_the_check_fails_as_python_would(
     # (python names no line for a bad encoding; compile() names line 0.)
     assert stderr.endswith(python.stderr)
     assert "Traceback" not in stderr and "_forkserver" not in stderr
+
+
+# What both executors promise alike.
+
+EXECUTORS = {"fork": ForkExecutor, "subprocess": SubprocessExecutor}
+
+
+@pytest.fixture(params=sorted(EXECUTORS))
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def both(kind):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/root",
+           "LANG": "C.UTF-8"}
+    ex = EXECUTORS[kind](sys.executable, kill_grace=2.0, environ=env)
+    yield ex
+    ex.close()
+
+
+def test_an_exception_fails_with_its_traceback_on_stderr(both, tmp_path):
+    a = assignment(tmp_path, """
+        def inner():
+            raise ValueError("boom")
+        inner()
+    """)
+    _, outcome, _ = run(both, a)
+    assert outcome.outcome == "failed"
+    assert outcome.exit_code == 1
+    stderr = read(a, "stderr.log")
+    assert stderr.startswith("Traceback (most recent call last):")
+    assert 'in inner' in stderr and "ValueError: boom" in stderr
+    # No frame of the server's: the script's own, as python shows them.
+    assert "runpy" not in stderr and "_forkserver" not in stderr
+    assert outcome.error.strip().endswith("ValueError: boom")
+
+
+def test_cancel_kills_the_script_and_its_descendants(both, tmp_path):
+    a = assignment(tmp_path, """
+        import json, os, subprocess, sys, time
+        sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+        child = subprocess.Popen(sleep)
+        # One that leaves the group: only the tree walk finds it.
+        escaped = subprocess.Popen(sleep, start_new_session=True)
+        with open("pids.tmp", "w") as f:
+            json.dump([os.getpid(), child.pid, escaped.pid], f)
+        os.rename("pids.tmp", "pids.json")
+        time.sleep(60)
+    """)
+    result = Result()
+    running = both.start(a, result)
+    pids_file = a.scratch / "pids.json"
+    wait_for(pids_file.exists, what="the script's pids")
+    pids = json.loads(pids_file.read_text())
+    assert running.pid == pids[0]
+    running.stop("cancelled")
+    outcome = result.wait()
+    assert outcome.outcome == "cancelled"
+    assert outcome.exit_code == -signal.SIGTERM
+    # All gone before the end is reported.
+    assert not any(_alive(pid) for pid in pids)
+    assert len(result.outcomes) == 1
+
+
+def test_a_script_ignoring_sigterm_is_killed_after_the_grace(kind,
+                                                             tmp_path):
+    ex = EXECUTORS[kind](sys.executable, kill_grace=0.3)
+    try:
+        a = assignment(tmp_path, """
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            open("ready", "w").close()
+            while True:
+                pass
+        """, timeout=1)
+        result = Result()
+        running = ex.start(a, result)
+        wait_for((a.scratch / "ready").exists, what="the script to start")
+        running.stop("timed_out")
+        outcome = result.wait()
+        assert outcome.outcome == "timed_out"
+        assert outcome.error == "timed out after 1 s"
+        assert outcome.exit_code == -signal.SIGKILL
+        assert outcome.usage["user"] + outcome.usage["system"] > 0
+    finally:
+        ex.close()
+
+
+def test_a_killed_server_loses_its_job_and_is_replaced(both, tmp_path):
+    a = assignment(tmp_path, """
+        open("ready", "w").close()
+        import time; time.sleep(60)
+    """)
+    result = Result()
+    running = both.start(a, result)
+    wait_for((a.scratch / "ready").exists, what="the script to start")
+    old = both.server_pid
+    os.kill(old, signal.SIGKILL)
+    outcome = result.wait()
+    assert outcome.outcome == "lost"
+    assert "server ended while the job ran" in outcome.error
+    wait_for(lambda: not _alive(running.pid), what="the orphan to be killed")
+    _, outcome, _ = run(both, assignment(tmp_path, "pass"))
+    assert outcome.outcome == "succeeded"
+    assert both.server_pid not in (None, old)
+
+
+def test_a_killed_worker_takes_the_scripts_tree_with_it(kind, tmp_path):
+    """kill -9 of the process that owns the executor: the server sees its
+    socket close, kills the job's tree, detached parts included, and
+    exits."""
+    pid_file = tmp_path / "pids"
+    a = assignment(tmp_path, f"""
+        import os, subprocess, sys, time
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            start_new_session=True)
+        open({str(pid_file)!r} + ".tmp", "w").write(
+            f"{{os.getpid()}} {{child.pid}} {{os.getppid()}}")
+        os.rename({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
+        time.sleep(600)
+    """)
+    cls = EXECUTORS[kind]
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, threading
+        from msp.executor import Assignment
+        from {cls.__module__} import {cls.__name__} as Executor
+        ex = Executor(sys.executable)
+        ex.start(Assignment(**{a.__dict__!r}), lambda outcome: None)
+        threading.Event().wait(60)
+    """)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    pids = []
+    try:
+        wait_for(pid_file.exists, what="the script to start")
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert all(_alive(pid) for pid in pids)
+        owner.kill()
+        owner.wait(DEADLINE)
+        for pid in pids:
+            wait_for(lambda pid=pid: not _alive(pid), what=f"{pid} to end")
+    finally:
+        owner.kill()
+        owner.wait(DEADLINE)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
