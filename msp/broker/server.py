@@ -154,9 +154,10 @@ class Broker:
             sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size + 4096)
             sock.setsockopt(zmq.RCVHWM, 100_000)
         elif kind == zmq.XPUB:
-            # What it receives are subscriptions to topic prefixes: msp's
-            # topics are a few bytes.
-            sock.setsockopt(zmq.MAXMSGSIZE, 256)
+            # What it receives are subscriptions to topic prefixes (msp's
+            # topics are a few bytes), and the CURVE handshake (a few
+            # hundred).
+            sock.setsockopt(zmq.MAXMSGSIZE, 4096)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self.curve is not None and self.curve.applies(endpoint):
             self.curve.secure(sock, name)
