@@ -390,7 +390,8 @@ class Broker:
         """Take in the (un)subscriptions that arrived since the last look
         (XPUB passes the first subscription to a prefix and the last
         unsubscription)."""
-        while True:
+        # Asked first: most turns bring none, and an empty recv raises.
+        while pub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 message = pub.recv(zmq.NOBLOCK)
             except zmq.Again:
