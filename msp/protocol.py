@@ -250,8 +250,9 @@ def parse(frames: list[bytes], schema: dict, max_size: int) -> Message:
         )
     try:
         # Decode first: json.loads would also take UTF-16 and UTF-32 bytes.
+        # (An empty body, a heartbeat's, is the most common of all.)
         body = json.loads(raw.decode(), parse_constant=_no_constant) \
-            if raw else {}
+            if raw and raw != b"{}" else {}
     except RecursionError:
         raise ProtocolError("body is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:

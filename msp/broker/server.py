@@ -29,7 +29,7 @@ from typing import Callable
 import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from .. import audit, paths
+from .. import audit, paths, protocol
 from ..auth import Passwords
 from ..config import BillingConfig, BrokerConfig, store_url
 from ..errors import ConfigError, MspError
@@ -265,14 +265,24 @@ class Broker:
         batch = []
         for name in ("client", "worker"):
             sock = self._sockets[name]
+            # Asked first: an empty recv raises, which costs more.
             for _ in range(TURN_BUDGET):
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    break
                 try:
                     batch.append((name, *_receive(sock)))
                 except zmq.Again:
                     break
         if batch:
             now, wall = self.clock(), self.wall()
-            self.transact(lambda: self._handle_batch(batch, now, wall))
+            if all(name == "worker" and frames[2:3] == _HEARTBEAT
+                   for name, frames, _ in batch):
+                # Heartbeats write nothing: no transaction to commit, the
+                # most common turn of a broker with many idle workers.
+                self._handle_batch(batch, now, wall)
+                self.flush()
+            else:
+                self.transact(lambda: self._handle_batch(batch, now, wall))
         # The sockets' descriptors signal edges, not levels: look again
         # after every read and write, or a waiting message could sit there.
         if any(
@@ -284,7 +294,13 @@ class Broker:
     def _handle_batch(self, batch, now: float, wall: float) -> None:
         for name, frames, peer in batch:
             self.handle(name, frames, now, wall, peer)
-        self.workers.dispatch(now, wall)
+        # A batch of heartbeats changes neither the queue nor who is idle:
+        # no need to look for work (with hundreds of idle workers, that
+        # look was most of what their heartbeats cost). The tick looks
+        # anyway.
+        if any(name != "worker" or frames[2:3] not in _NO_WORK
+               for name, frames, _ in batch):
+            self.workers.dispatch(now, wall)
 
     def _tick(self) -> None:
         now, wall = self.clock(), self.wall()
@@ -378,7 +394,7 @@ class Broker:
         # XXX: every subscriber gets every event (job ids, users, scripts):
         # CURVE keeps strangers off, but not one user off another's jobs.
         pub = self._sockets.get("events")
-        if pub is not None:
+        if pub is not None and self._events:
             self._subscriptions(pub)
             for topic, body in self._events:
                 if self._subscribed(topic):
@@ -448,6 +464,11 @@ class Broker:
             self.pending.put(work)
         else:
             self._loop.add_callback(self.transact, work)
+
+
+# Worker messages after which there is nothing new to dispatch.
+_HEARTBEAT = [protocol.HEARTBEAT]
+_NO_WORK = (_HEARTBEAT, [protocol.STARTED], [protocol.PROGRESS])
 
 
 def _receive(sock: zmq.Socket) -> tuple[list[bytes], str]:
