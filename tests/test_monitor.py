@@ -342,6 +342,10 @@ def test_monitor_in_a_terminal_quits_on_q_and_restores_it(
     assert "icanon" in modes and "echo" in modes
 
 
+# XXX: once, in a full run on a fresh clone under load, the monitor was
+# still drawing 30 s after this Ctrl-C; it did not happen again in a dozen
+# runs of this test, alone or beside a CPU hog, and the cause is not found.
+# A monitor that now and then ignores Ctrl-C costs the user a second one.
 def test_ctrl_c_quits_the_monitor_too(make_cluster, tmp_path):
     cluster = make_cluster(workers=1)
     env = cli_env(cluster, tmp_path)
