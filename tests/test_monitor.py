@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import sys
 
 import pexpect
+import pytest
 import zmq
 from rich.cells import cell_len
 from rich.console import Console
@@ -342,15 +344,17 @@ def test_monitor_in_a_terminal_quits_on_q_and_restores_it(
     assert "icanon" in modes and "echo" in modes
 
 
-# XXX: once, in a full run on a fresh clone under load, the monitor was
-# still drawing 30 s after this Ctrl-C; it did not happen again in a dozen
-# runs of this test, alone or beside a CPU hog, and the cause is not found.
-# A monitor that now and then ignores Ctrl-C costs the user a second one.
-def test_ctrl_c_quits_the_monitor_too(make_cluster, tmp_path):
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN])
+def test_ctrl_c_quits_the_monitor_too(make_cluster, tmp_path, inherited):
+    """Also when started with SIGINT ignored, as a shell does for a job it
+    starts in the background (python then installs no handler of its
+    own): the monitor takes Ctrl-C itself."""
     cluster = make_cluster(workers=1)
     env = cli_env(cluster, tmp_path)
     child = pexpect.spawn(sys.executable, ["-m", "msp", "monitor"], env=env,
-                          dimensions=(24, 80), encoding="utf-8", timeout=30)
+                          dimensions=(24, 80), encoding="utf-8", timeout=30,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                           inherited))
     try:
         child.expect("w1")
         child.sendintr()

@@ -57,7 +57,10 @@ def run(feed: Feed, console: Console, refresh: float = 0.5,
         keys=sys.stdin) -> None:
     """Show the live screen until a quit key, Ctrl-C or SIGTERM."""
     refresh = min(max(refresh, 0.05), 1.0)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C too, taken here: started with SIGINT ignored (a shell's
+    # background job), python would install no handler of its own.
+    previous = {sig: signal.signal(sig, _terminate)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with cbreak(keys) as fd, Live(
             console=console, screen=True, auto_refresh=False,
@@ -78,4 +81,5 @@ def run(feed: Feed, console: Console, refresh: float = 0.5,
     except KeyboardInterrupt:
         return
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
